@@ -1,0 +1,130 @@
+"""One Dockyard application on this node: config, worker, Durable Objects and containers.
+
+``App`` is what ``dockyard dev`` runs: ``start()`` loads the config and the worker,
+opens the object host and prepares the containers; ``handle(request)`` runs the
+worker; ``reload()`` re-imports the worker after an edit; ``stop()`` ends everything
+the app started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Config, load_config
+from .containers import ContainerHandle, ContainerManager
+from .containers.docker import DockerRuntime
+from .errors import WorkerError
+from .http import Request, Response
+from .objects import ObjectHost
+from .worker import Env, ExecutionContext, Worker, load_worker
+
+__all__ = ["App"]
+
+log = logging.getLogger("dockyard.app")
+
+# How long stop() lets ctx.wait_until work finish before cancelling it.
+WAIT_UNTIL_GRACE = 5.0
+
+
+class App:
+    def __init__(
+        self,
+        project_dir: Path | str,
+        *,
+        config_path: Path | str | None = None,
+        state_dir: Path | None = None,
+        object_idle_timeout: float = 70.0,
+    ) -> None:
+        self.project_dir = Path(project_dir).resolve()
+        self.config: Config = load_config(self.project_dir, config_path)
+        self.state_dir = state_dir or self.project_dir / ".dockyard"
+        self.host = ObjectHost(
+            self.state_dir, app=self.config.name, idle_timeout=object_idle_timeout
+        )
+        self.env = Env(
+            bindings={
+                binding.name: self.host.namespace(binding.class_name)
+                for binding in self.config.durable_objects.bindings
+            },
+            vars=self.config.vars,
+            secrets=self.config.secrets,
+        )
+        self.host.set_env(self.env)
+        self.worker: Worker | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.containers: ContainerManager | None = None
+        if self.config.containers:
+            self.containers = ContainerManager(DockerRuntime(), self.config)
+            self.containers.set_waker(self._wake)
+            for container in self.config.containers:
+                self.host.set_context_extension(
+                    container.class_name, self._container_handle_factory(container.class_name)
+                )
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._load_worker()
+        await self.host.start()
+        if self.containers is not None:
+            # Builds images, then re-adopts containers a previous run left running.
+            await self.containers.start()
+
+    async def stop(self) -> None:
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=WAIT_UNTIL_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self.containers is not None:
+            # Containers first, while their objects are alive to record how they ended.
+            await self.containers.stop()
+            await self.containers.runtime.aclose()
+        await self.host.stop()
+
+    def _container_handle_factory(self, class_name: str) -> Callable[[Any], ContainerHandle]:
+        manager = self.containers
+        assert manager is not None
+
+        def make(state: Any) -> ContainerHandle:
+            return manager.handle(class_name, str(state.id), getattr(state.id, "name", None))
+
+        return make
+
+    async def _wake(self, class_name: str, object_id: str) -> None:
+        namespace = self.host.namespace(class_name)
+        await namespace.get(namespace.id_from_string(object_id)).get_state()
+
+    async def handle(self, request: Request) -> Response:
+        assert self.worker is not None, "App.start() was not called"
+        return await self.worker.fetch(request, self.env, ExecutionContext(self._tasks))
+
+    def reload(self) -> bool:
+        """Re-import the worker; on failure keep serving the previous one."""
+        try:
+            self._load_worker()
+        except WorkerError as exc:
+            log.error("Reload failed, still serving the previous worker: %s", exc)
+            return False
+        return True
+
+    def _load_worker(self) -> None:
+        worker = load_worker(self.config.main_path, self.project_dir)
+        for binding in self.config.durable_objects.bindings:
+            cls = worker.get_class(binding.class_name)
+            if cls is None:
+                raise WorkerError(
+                    f"{self.config.main_path.name}: durable_objects binding {binding.name!r} "
+                    f"needs class {binding.class_name!r}, which the worker does not define"
+                )
+            self.host.set_class(binding.class_name, cls)
+        self.worker = worker

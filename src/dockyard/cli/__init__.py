@@ -1,0 +1,71 @@
+"""The ``dockyard`` command tree."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..errors import DockyardError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="dockyard",
+    help="Containers on demand behind Python Workers and Durable Objects.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+@app.command()
+def dev(
+    directory: Annotated[
+        Path, typer.Argument(help="Project folder with a wrangler config.")
+    ] = Path("."),
+    port: Annotated[
+        int | None, typer.Option(help="Port to serve on (default: dev.port or 8787).")
+    ] = None,
+    ip: Annotated[
+        str | None, typer.Option(help="Address to bind (default: dev.ip or 127.0.0.1).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Config file to use.")
+    ] = None,
+) -> None:
+    """Serve the project's worker locally, reloading it when a .py file changes."""
+    from .dev import run_dev
+
+    config_path = config.resolve() if config is not None else None
+    raise typer.Exit(_run(lambda: run_dev(directory, port=port, ip=ip, config_path=config_path)))
+
+
+def _run(action: Callable[[], int]) -> int:
+    """The CLI's one error handler: a DockyardError becomes a message and an exit code."""
+    try:
+        return action()
+    except DockyardError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _register_subcommands() -> None:
+    from .containers import app as containers_app
+
+    app.add_typer(containers_app, name="containers")
+
+
+_register_subcommands()

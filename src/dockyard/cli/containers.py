@@ -1,0 +1,187 @@
+"""``dockyard containers ...``: what the dev app runs, read from the engine by label."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..config import load_config
+from ..containers.docker import DockerRuntime
+from ..containers.manager import LABEL_APP, LABEL_CLASS, LABEL_NAME, LABEL_OBJECT, LABEL_VERSION
+from ..containers.runtime import ContainerInfo
+from ..errors import ContainerError
+
+app = typer.Typer(help="List and operate the containers of a running `dockyard dev`.")
+console = Console()
+T = TypeVar("T")
+
+ProjectOption = Annotated[
+    Path, typer.Option("--project", "-p", help="Project folder with the wrangler config.")
+]
+
+
+def _app_name(project: Path) -> str:
+    return load_config(project).name
+
+
+def _run(project: Path, action: Callable[[DockerRuntime, str], Awaitable[T]]) -> T:
+    from . import _run as run_cli
+
+    async def go() -> T:
+        async with DockerRuntime() as runtime:
+            return await action(runtime, _app_name(project))
+
+    result: list[T] = []
+
+    def call() -> int:
+        result.append(asyncio.run(go()))
+        return 0
+
+    code = run_cli(call)
+    if code:
+        raise typer.Exit(code)
+    return result[0]
+
+
+async def _find(runtime: DockerRuntime, app_name: str, ref: str) -> ContainerInfo:
+    """A container of this app by container id prefix, object id prefix or object name."""
+    infos = await runtime.list({LABEL_APP: app_name})
+    matches = [
+        i
+        for i in infos
+        if i.id.startswith(ref)
+        or i.labels.get(LABEL_OBJECT, "").startswith(ref)
+        or i.labels.get(LABEL_NAME) == ref
+        or i.name == ref
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ContainerError(
+            f"no container of app {app_name!r} matches {ref!r} "
+            "(give a container id, an object id prefix or an object name; see "
+            "`dockyard containers list`)"
+        )
+    raise ContainerError(f"{ref!r} matches {len(matches)} containers; give a longer prefix")
+
+
+def _age(when: datetime | None) -> str:
+    if when is None:
+        return "-"
+    seconds = int((datetime.now(UTC) - when).total_seconds())
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+@app.command("list")
+def list_(project: ProjectOption = Path(".")) -> None:
+    """Containers of the app, with their object, state and ports."""
+
+    async def action(runtime: DockerRuntime, app_name: str) -> list[ContainerInfo]:
+        return await runtime.list({LABEL_APP: app_name})
+
+    infos = _run(project, action)
+    table = Table(title=f"Containers of {_app_name(project)}")
+    for column in ("container", "class", "object", "state", "up", "ports", "version"):
+        table.add_column(column)
+    for info in infos:
+        labels = info.labels
+        table.add_row(
+            info.id[:12],
+            labels.get(LABEL_CLASS, "?"),
+            labels.get(LABEL_NAME) or labels.get(LABEL_OBJECT, "?")[:16],
+            info.status if info.running else f"{info.status} ({info.exit_code})",
+            _age(info.started_at) if info.running else "-",
+            ", ".join(f"{p}→127.0.0.1:{h}" for p, h in sorted(info.host_ports.items())),
+            labels.get(LABEL_VERSION, "?"),
+        )
+    console.print(table)
+
+
+@app.command()
+def info(ref: str, project: ProjectOption = Path(".")) -> None:
+    """Details of one container."""
+
+    async def action(runtime: DockerRuntime, app_name: str) -> ContainerInfo:
+        return await _find(runtime, app_name, ref)
+
+    found = _run(project, action)
+    table = Table(show_header=False)
+    rows: dict[str, Any] = {
+        "id": found.id,
+        "name": found.name,
+        "image": found.image,
+        "state": found.status,
+        "exit code": found.exit_code,
+        "oom killed": found.oom_killed,
+        "started": found.started_at,
+        "ports": ", ".join(f"{p}→127.0.0.1:{h}" for p, h in sorted(found.host_ports.items())),
+        **{k: v for k, v in sorted(found.labels.items()) if k.startswith("dockyard.")},
+    }
+    for key, value in rows.items():
+        table.add_row(key, "-" if value is None else str(value))
+    console.print(table)
+
+
+@app.command()
+def logs(
+    ref: str,
+    project: ProjectOption = Path("."),
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing.")
+    ] = False,
+    tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
+) -> None:
+    """Print a container's output (stdout and stderr)."""
+
+    async def action(runtime: DockerRuntime, app_name: str) -> None:
+        found = await _find(runtime, app_name, ref)
+        async for line in runtime.logs(found.id, follow=follow, tail=tail):
+            print(line, flush=True)
+
+    _run(project, action)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec(
+    ref: str,
+    command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
+    project: ProjectOption = Path("."),
+) -> None:
+    """Run a command in a running container and print its output."""
+
+    async def action(runtime: DockerRuntime, app_name: str) -> int:
+        found = await _find(runtime, app_name, ref)
+        result = await runtime.exec(found.id, command)
+        sys.stdout.buffer.write(result.stdout)
+        sys.stderr.buffer.write(result.stderr)
+        return result.exit_code
+
+    raise typer.Exit(_run(project, action))
+
+
+@app.command()
+def stop(
+    ref: str,
+    project: ProjectOption = Path("."),
+    grace: Annotated[float, typer.Option(help="Seconds before SIGKILL.")] = 10.0,
+) -> None:
+    """Stop a container (SIGTERM, then SIGKILL after the grace period)."""
+
+    async def action(runtime: DockerRuntime, app_name: str) -> str:
+        found = await _find(runtime, app_name, ref)
+        await runtime.stop(found.id, grace)
+        return found.id
+
+    console.print(f"stopped {_run(project, action)[:12]}")

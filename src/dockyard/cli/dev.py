@@ -1,0 +1,92 @@
+"""``dockyard dev``: serve one project on this machine until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from ..app import App
+from ..gateway.server import Gateway
+
+console = Console(stderr=True)
+log = logging.getLogger("dockyard.dev")
+
+# Reload quickly after an edit, but let an editor's burst of writes settle first.
+RELOAD_DEBOUNCE_MS = 150
+
+
+def configure_logging() -> None:
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def run_dev(directory: Path, *, port: int | None, ip: str | None, config_path: Path | None) -> int:
+    configure_logging()
+    serve = _serve(directory, port=port, ip=ip, config_path=config_path)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(serve)
+    return uvloop.run(serve)
+
+
+async def _serve(
+    directory: Path, *, port: int | None, ip: str | None, config_path: Path | None
+) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    app = App(directory, config_path=config_path)
+    for warning in app.config.warnings:
+        log.warning("%s", warning)
+    try:
+        await app.start()
+        gateway = Gateway(
+            app.handle,
+            host=ip or app.config.dev.ip,
+            port=app.config.dev.port if port is None else port,
+        )
+        bound = await gateway.start()
+        try:
+            console.print(
+                f"[bold green]Ready[/] {app.config.name} on http://{gateway.host}:{bound}",
+                highlight=False,
+            )
+            watcher = asyncio.create_task(_watch(app, stop))
+            await stop.wait()
+            console.print("Shutting down…")
+            await watcher
+        finally:
+            await gateway.stop()
+    finally:
+        await app.stop()
+    return 0
+
+
+async def _watch(app: App, stop: asyncio.Event) -> None:
+    from watchfiles import awatch
+
+    def python_source(_change: object, path: str) -> bool:
+        return path.endswith(".py") and "/.dockyard/" not in path and "/.venv/" not in path
+
+    async for changes in awatch(
+        app.project_dir,
+        watch_filter=python_source,
+        stop_event=stop,
+        debounce=RELOAD_DEBOUNCE_MS,
+        step=20,
+    ):
+        names = ", ".join(sorted({Path(path).name for _, path in changes}))
+        if app.reload():
+            log.info("Reloaded the worker after a change to %s", names)

@@ -1,0 +1,19 @@
+"""Containers owned by Durable Objects, on a real container engine."""
+
+from .container import Container, State, StopParams
+from .helpers import get_container, get_random, load_balance, switch_port
+from .manager import ContainerHandle, ContainerManager
+from .schedules import Schedule
+
+__all__ = [
+    "Container",
+    "ContainerHandle",
+    "ContainerManager",
+    "Schedule",
+    "State",
+    "StopParams",
+    "get_container",
+    "get_random",
+    "load_balance",
+    "switch_port",
+]

@@ -1,0 +1,530 @@
+"""``Container``: a Durable Object that owns one container and proxies to it.
+
+A request to a stopped object starts the container (one start shared by every
+concurrent caller), waits until the port answers HTTP, then forwards. The object's
+alarm puts the container to sleep ``sleep_after`` after the last activity; requests in
+flight and open WebSockets are never idle. ``on_stop`` runs once per container run,
+with the real exit code and why it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+import aiohttp
+from yarl import URL
+
+from ..durations import parse_duration
+from ..errors import ContainerError, ContainerGone, DockyardError, StartFailed
+from ..http import HeadersInit, Request, Response
+from ..objects import DurableObject
+from .manager import ContainerHandle
+from .proxy import forward_http, forward_websocket, target_url
+from .runtime import ExecProcess, ExecResult, ExitStatus
+from .schedules import Schedule, ScheduleTable
+
+__all__ = ["SWITCH_PORT_HEADER", "Container", "State", "StopParams"]
+
+log = logging.getLogger("dockyard.containers")
+
+SWITCH_PORT_HEADER = "dockyard-container-target-port"
+# Accepted too, so code written for Cloudflare's switchPort keeps working.
+CF_SWITCH_PORT_HEADER = "cf-container-target-port"
+STATE_KEY = "__dockyard_container_state"
+SIGNALS = {"SIGTERM": 15, "SIGINT": 2, "SIGKILL": 9}
+
+Status = Literal["stopped", "running", "healthy", "stopping", "stopped_with_code"]
+StopReason = Literal["exit", "stop", "destroy", "oom"]
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    status: Status
+    last_change: float
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StopParams:
+    """Why a container run ended: ``exit`` (its process ended by itself), ``stop``
+    (``stop()`` or sleep), ``destroy`` or ``oom`` (killed for using too much memory)."""
+
+    exit_code: int
+    reason: StopReason
+
+
+class Container(DurableObject):
+    default_port: ClassVar[int | None] = None
+    required_ports: ClassVar[list[int]] = []
+    sleep_after: ClassVar[str | int | float] = "10m"
+    env_vars: ClassVar[dict[str, str]] = {}
+    entrypoint: ClassVar[list[str] | None] = None
+    enable_internet: ClassVar[bool] = True
+    # Host and path of the readiness probe: "ping" probes "/" with Host: ping.
+    ping_endpoint: ClassVar[str] = "ping"
+    # Budgets of a start: the engine starting the container, then its ports answering.
+    start_timeout: ClassVar[float] = 8.0
+    port_timeout: ClassVar[float] = 20.0
+    # Probes back off from 10 ms up to this interval between tries.
+    wait_interval: ClassVar[float] = 0.3
+    probe_timeout: ClassVar[float] = 5.0
+    # stop() and sleep send SIGTERM, then SIGKILL after this many seconds.
+    stop_timeout: ClassVar[float] = 10.0
+
+    def __init__(self, ctx: Any, env: Any) -> None:
+        super().__init__(ctx, env)
+        handle = getattr(ctx, "container", None)
+        if not isinstance(handle, ContainerHandle):
+            raise ContainerError(
+                f"{type(self).__name__} is not configured as a container: add "
+                f'{{"class_name": "{type(self).__name__}", "image": "./Dockerfile"}} to '
+                "containers in the wrangler config"
+            )
+        self._handle: ContainerHandle = handle
+        self._sleep_after = parse_duration(
+            self.sleep_after, where=f"{type(self).__name__}.sleep_after"
+        )
+        self._deadline = time.monotonic() + self._sleep_after
+        self._inflight = 0
+        self._starting: asyncio.Future[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._stop_reason: StopReason | None = None
+        self._stopped = asyncio.Event()
+        self._stopped.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._schedules = ScheduleTable(ctx.storage.sql)
+        self._state = State("stopped", time.time())
+        ctx.block_concurrency_while(self._restore())
+
+    # Hooks to override
+
+    async def on_start(self) -> None:
+        """Runs after each successful start, once the ports answer."""
+
+    async def on_stop(self, params: StopParams) -> None:
+        """Runs once per container run after it ended."""
+
+    async def on_error(self, error: BaseException) -> None:
+        """Runs when a start fails; the default logs it and re-raises."""
+        log.error("%s %s: %s", type(self).__name__, self._label(), error)
+        raise error
+
+    async def on_activity_expired(self) -> None:
+        """Runs when ``sleep_after`` passed with nothing in flight; the default stops."""
+        await self.stop()
+
+    # Lifecycle
+
+    async def start(
+        self,
+        *,
+        env_vars: dict[str, str] | None = None,
+        entrypoint: list[str] | None = None,
+        enable_internet: bool | None = None,
+    ) -> None:
+        """Start the container if it is not running. Does not wait for its ports."""
+        await self._start(None, env_vars, entrypoint, enable_internet)
+
+    async def start_and_wait_for_ports(self, ports: list[int] | int | None = None) -> None:
+        """Start if needed and wait until every port answers HTTP (state ``healthy``)."""
+        if isinstance(ports, int):
+            ports = [ports]
+        await self._start(ports or self._ports_to_check(), None, None, None)
+
+    async def stop(self, signal: str | int = "SIGTERM") -> None:
+        """Signal the container and wait for it to end (SIGKILL after ``stop_timeout``)."""
+        if not self._handle.running:
+            return
+        self._stop_reason = self._stop_reason or "stop"
+        await self._set_state("stopping")
+        await self._handle.signal(_signal_number(signal))
+        try:
+            await asyncio.wait_for(self._stopped.wait(), self.stop_timeout)
+        except TimeoutError:
+            log.warning("%s did not stop within %ss; killing it", self._label(), self.stop_timeout)
+            await self._handle.destroy()
+            await self._stopped.wait()
+
+    async def destroy(self) -> None:
+        """Kill the container now."""
+        if not self._handle.running:
+            return
+        self._stop_reason = "destroy"
+        await self._handle.destroy()
+        await self._stopped.wait()
+
+    async def get_state(self) -> State:
+        return self._state
+
+    def renew_activity_timeout(self) -> None:
+        self._deadline = time.monotonic() + self._sleep_after
+
+    # Requests
+
+    async def fetch(self, request: Request) -> Response:
+        port_header = request.headers.get(SWITCH_PORT_HEADER) or request.headers.get(
+            CF_SWITCH_PORT_HEADER
+        )
+        if port_header is not None:
+            request.headers.popall(SWITCH_PORT_HEADER, None)
+            request.headers.popall(CF_SWITCH_PORT_HEADER, None)
+            if not port_header.isdigit():
+                return Response(f"Bad container port {port_header!r}\n", status=400)
+            port: int | None = int(port_header)
+        else:
+            port = self.default_port
+        if port is None:
+            return Response(
+                f"{type(self).__name__} has no default_port: set default_port on the class, "
+                "or route with switch_port(request, port)\n",
+                status=500,
+            )
+        return await self.container_fetch(request, port=port)
+
+    async def container_fetch(
+        self,
+        request: Request | str,
+        port: int | None = None,
+        *,
+        method: str | None = None,
+        headers: HeadersInit = None,
+        body: Any = None,
+    ) -> Response:
+        """Send a request (or a URL, relative ones go to ``http://container``) to a port."""
+        if not isinstance(request, Request) or method or headers is not None or body is not None:
+            request = Request(request, method=method, headers=headers, body=body)
+        port = port or self.default_port or next(iter(self.required_ports), None)
+        if port is None:
+            return Response("No port to send the request to\n", status=500)
+        self._inflight += 1
+        self.renew_activity_timeout()
+        try:
+            await self._start([port], None, None, None)
+            host_port = self._handle.host_port(port)
+        except DockyardError as exc:
+            self._request_done()
+            return _start_failure(exc)
+        session = self._handle.manager.session
+        if request.is_websocket:
+            return await forward_websocket(
+                session,
+                host_port,
+                request,
+                on_message=self.renew_activity_timeout,
+                on_finished=self._request_done,
+                on_lost=self._lost,
+                tasks=self._tasks,
+            )
+        try:
+            return await forward_http(
+                session, host_port, request, on_finished=self._request_done, on_lost=self._lost
+            )
+        except ContainerGone as exc:
+            return Response(f"{exc}\n", status=exc.status)
+
+    # Exec
+
+    async def exec(
+        self,
+        cmd: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+    ) -> ExecResult:
+        """Run a command in the running container; returns exit code, stdout and stderr."""
+        info = self._require_running("exec")
+        return await self._handle.runtime.exec(info, cmd, env=env, workdir=workdir, user=user)
+
+    def exec_stream(
+        self,
+        cmd: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+    ) -> ExecProcess:
+        """``async with container.exec_stream(cmd) as proc: async for stream, chunk in proc``."""
+        info = self._require_running("exec_stream")
+        return self._handle.runtime.exec_stream(info, cmd, env=env, workdir=workdir, user=user)
+
+    # Schedules
+
+    async def schedule(
+        self, when: datetime | float | int, method_name: str, payload: Any = None
+    ) -> Schedule:
+        """Call ``method_name(payload)`` once at ``when`` (a datetime, or seconds from now)."""
+        method = getattr(self, method_name, None)
+        if method_name.startswith("_") or not callable(method):
+            raise ContainerError(
+                f"schedule(): {type(self).__name__} has no public method {method_name!r}"
+            )
+        row = self._schedules.add(when, method_name, payload)
+        await self._arm_alarm()
+        return row
+
+    async def get_schedule(self, schedule_id: str) -> Schedule | None:
+        return self._schedules.get(schedule_id)
+
+    async def list_schedules(self) -> list[Schedule]:
+        return self._schedules.all()
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        deleted = self._schedules.delete(schedule_id)
+        await self._arm_alarm()
+        return deleted
+
+    # The alarm drives schedules and sleep.
+
+    async def alarm(self, info: Any) -> None:
+        for row in self._schedules.due(time.time()):
+            try:
+                result = getattr(self, row.callback)(row.payload)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("%s: scheduled call %s failed", self._label(), row.callback)
+            finally:
+                self._schedules.delete(row.id)
+        if self._handle.running and time.monotonic() >= self._deadline:
+            if self._inflight == 0:
+                await self.on_activity_expired()
+            # Busy (or an override chose to keep running): look again after sleep_after.
+            if self._handle.running:
+                self.renew_activity_timeout()
+        await self._arm_alarm()
+
+    async def _arm_alarm(self) -> None:
+        due: list[float] = []
+        if self._handle.running:
+            due.append(time.time() + max(0.0, self._deadline - time.monotonic()))
+        next_schedule = self._schedules.next_time()
+        if next_schedule is not None:
+            due.append(next_schedule)
+        if due:
+            await self.ctx.storage.set_alarm(min(due) * 1000)
+        else:
+            await self.ctx.storage.delete_alarm()
+
+    # Internals
+
+    def _dockyard_keep_alive(self) -> bool:
+        return self._handle.running or self._inflight > 0 or self._starting is not None
+
+    async def _dockyard_close(self) -> None:
+        for task in [*self._tasks, *([self._monitor] if self._monitor else [])]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _label(self) -> str:
+        name = getattr(self.ctx.id, "name", None)
+        return f"container {type(self).__name__}({name or str(self.ctx.id)[:12]})"
+
+    def _ports_to_check(self) -> list[int]:
+        if self.required_ports:
+            return list(self.required_ports)
+        return [self.default_port] if self.default_port is not None else []
+
+    def _published_ports(self) -> list[int]:
+        return sorted({*self.required_ports, *([self.default_port] if self.default_port else [])})
+
+    def _require_running(self, what: str) -> str:
+        if self._handle.info is None:
+            raise ContainerError(f"{what}: {self._label()} is not running; call start() first")
+        return self._handle.info.id
+
+    async def _restore(self) -> None:
+        stored = await self.ctx.storage.get(STATE_KEY)
+        if stored:
+            self._state = State(stored["status"], stored["last_change"], stored.get("exit_code"))
+        info = self._handle.adopt()
+        if info is not None:
+            log.info("%s adopted running container %s", self._label(), info.name)
+            self._watch()
+            if self._state.status not in ("running", "healthy"):
+                await self._set_state("healthy")
+            await self._arm_alarm()
+        elif self._state.status in ("running", "healthy", "stopping"):
+            # The platform went away while it ran and the container is gone now.
+            await self._set_state("stopped")
+
+    async def _start(
+        self,
+        ports: list[int] | None,
+        env_vars: dict[str, str] | None,
+        entrypoint: list[str] | None,
+        enable_internet: bool | None,
+    ) -> None:
+        while self._starting is not None:
+            # Everyone asking while a start is under way shares that one start.
+            await asyncio.shield(self._starting)
+        if self._handle.running and (ports is None or self._state.status == "healthy"):
+            return
+        self._starting = asyncio.get_running_loop().create_future()
+        try:
+            await self._start_once(ports, env_vars, entrypoint, enable_internet)
+        except BaseException as exc:
+            self._starting.set_exception(exc)
+            self._starting.exception()  # retrieved here; sharers re-raise their own copy
+            raise
+        else:
+            self._starting.set_result(None)
+        finally:
+            self._starting = None
+
+    async def _start_once(
+        self,
+        ports: list[int] | None,
+        env_vars: dict[str, str] | None,
+        entrypoint: list[str] | None,
+        enable_internet: bool | None,
+    ) -> None:
+        try:
+            if not self._handle.running:
+                await asyncio.wait_for(
+                    self._handle.start(
+                        env={**self.env_vars, **(env_vars or {})},
+                        entrypoint=entrypoint or self.entrypoint,
+                        enable_internet=(
+                            self.enable_internet if enable_internet is None else enable_internet
+                        ),
+                        ports=sorted({*self._published_ports(), *(ports or [])}),
+                    ),
+                    self.start_timeout,
+                )
+                self._stop_reason = None
+                self._watch()
+                self.renew_activity_timeout()
+                await self._set_state("running")
+                await self._arm_alarm()
+            if ports:
+                for port in ports:
+                    await self._wait_for_port(port)
+                await self._set_state("healthy")
+        except TimeoutError:
+            await self._abandon_start()
+            error: BaseException = StartFailed(
+                f"the engine did not start the container within {self.start_timeout}s"
+            )
+        except DockyardError as exc:
+            if isinstance(exc, StartFailed):
+                await self._abandon_start()
+            error = exc
+        else:
+            await self.on_start()
+            return
+        await self.on_error(error)
+        raise error
+
+    async def _abandon_start(self) -> None:
+        """A start that failed halfway leaves nothing running."""
+        if self._handle.running:
+            self._stop_reason = "destroy"
+            await self._handle.destroy()
+            await self._stopped.wait()
+
+    async def _wait_for_port(self, port: int) -> None:
+        host_port = self._handle.host_port(port)
+        host, _, path = self.ping_endpoint.partition("/")
+        url = target_url(f"http://{host or 'container'}/{path}", host_port)
+        session = self._handle.manager.session
+        deadline = time.monotonic() + self.port_timeout
+        interval = 0.01
+        while True:
+            if not self._handle.running:
+                raise StartFailed(
+                    f"the container exited with code {self._state.exit_code} before port "
+                    f"{port} answered{await self._last_logs()}"
+                )
+            remaining = deadline - time.monotonic()
+            try:
+                timeout = aiohttp.ClientTimeout(total=min(self.probe_timeout, max(remaining, 0.1)))
+                async with session.get(url, headers={"Host": host}, timeout=timeout) as probe:
+                    await probe.read()
+                return  # any HTTP answer means the server is up
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if time.monotonic() + interval > deadline:
+                raise StartFailed(
+                    f"port {port} did not answer HTTP within {self.port_timeout}s "
+                    f"(probed {URL(str(url)).path} every {self.wait_interval}s); check that "
+                    f"the server listens on 0.0.0.0:{port}{await self._last_logs()}"
+                )
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, self.wait_interval)
+
+    async def _last_logs(self) -> str:
+        info = self._handle.info
+        if info is None:
+            return ""
+        try:
+            lines = [line async for line in self._handle.runtime.logs(info.id, tail=5)]
+        except ContainerError:
+            return ""
+        return "; last output: " + " | ".join(lines) if lines else ""
+
+    def _watch(self) -> None:
+        self._stopped.clear()
+        self._monitor = asyncio.create_task(self._watch_exit())
+
+    async def _watch_exit(self) -> None:
+        status: ExitStatus = await self._handle.monitor()
+        reason: StopReason = "oom" if status.oom_killed else (self._stop_reason or "exit")
+        self._stop_reason = None
+        if reason == "oom":
+            log.warning(
+                "%s was killed for running out of memory (limit %s MiB)",
+                self._label(),
+                self._handle.manager.classes[self._handle.class_name].config.resources.memory_mib,
+            )
+        if reason in ("stop", "destroy"):
+            await self._set_state("stopped", status.exit_code)
+        else:
+            await self._set_state("stopped_with_code", status.exit_code)
+        self._stopped.set()
+        try:
+            await self.on_stop(StopParams(exit_code=status.exit_code, reason=reason))
+        except Exception:
+            log.exception("%s: on_stop failed", self._label())
+        await self._arm_alarm()
+
+    def _request_done(self) -> None:
+        self._inflight -= 1
+        self.renew_activity_timeout()
+
+    def _lost(self, error: BaseException) -> ContainerGone:
+        if self._handle.running:
+            return ContainerGone(
+                f"the connection to {self._label()} broke mid-request ({error}); try again"
+            )
+        return ContainerGone(
+            f"{self._label()} stopped while handling the request "
+            f"(exit code {self._state.exit_code}); try again"
+        )
+
+    async def _set_state(self, status: Status, exit_code: int | None = None) -> None:
+        self._state = State(status, time.time(), exit_code)
+        await self.ctx.storage.put(
+            STATE_KEY,
+            {"status": status, "last_change": self._state.last_change, "exit_code": exit_code},
+        )
+
+
+def _signal_number(signal: str | int) -> int:
+    if isinstance(signal, int):
+        return signal
+    number = SIGNALS.get(signal.upper())
+    if number is None:
+        raise ContainerError(f"stop(): unknown signal {signal!r}; use SIGTERM, SIGINT or SIGKILL")
+    return number
+
+
+def _start_failure(error: DockyardError) -> Response:
+    if error.status in (429, 503):
+        return Response(f"{error}\n", status=error.status)
+    return Response(f"Failed to start container: {error}\n", status=500)

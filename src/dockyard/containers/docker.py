@@ -1,0 +1,566 @@
+"""`ContainerRuntime` on the Docker Engine API (aiodocker).
+
+This is the only module that sees aiodocker or aiohttp errors: `_engine_errors` turns
+each of them into a `dockyard.errors.ContainerError` that says what to check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import json
+import math
+import os
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NoReturn, Self
+
+import aiodocker
+import aiohttp
+from aiodocker.exceptions import DockerError, DockerStreamError
+from aiodocker.stream import Stream
+
+from dockyard.containers.images import context_archive
+from dockyard.containers.runtime import (
+    ContainerInfo,
+    ContainerSpec,
+    ExecResult,
+    ExitStatus,
+    RuntimeCapabilities,
+)
+from dockyard.errors import (
+    ContainerError,
+    ContainerGone,
+    EngineUnavailable,
+    ImageError,
+    StartFailed,
+)
+
+DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+NO_INTERNET_NETWORK = "dockyard-no-internet"
+_MASQUERADE_OPTION = "com.docker.network.bridge.enable_ip_masquerade"
+_BUILD_TAIL_LINES = 20
+
+
+class DockerRuntime:
+    """A `ContainerRuntime` talking to the engine at `url`, else `DOCKER_HOST`, else the
+    default socket.
+
+    `enable_internet=False` attaches the container to `no_internet_network`, a bridge
+    network created on first use with IP masquerading disabled: published ports keep
+    working from loopback, but the container's packets never get NAT to the host's
+    address, so nothing beyond the host answers. It is not a firewall: the host itself
+    (and any route to the bridge subnet) stays reachable from the container.
+    """
+
+    def __init__(
+        self, url: str | None = None, *, no_internet_network: str = NO_INTERNET_NETWORK
+    ) -> None:
+        self._url = url
+        self._no_internet_network = no_internet_network
+        self._network_ready = False
+        self._docker: aiodocker.Docker | None = None
+        self._disk_limit: bool | None = None
+
+    @property
+    def engine_address(self) -> str:
+        return self._url or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
+
+    @property
+    def capabilities(self) -> RuntimeCapabilities:
+        return RuntimeCapabilities(disk_limit=self._disk_limit, internet_isolation=True)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._docker is not None:
+            docker, self._docker = self._docker, None
+            await docker.close()
+
+    def _client(self) -> aiodocker.Docker:
+        # Created on first use, inside the running loop that owns its HTTP session.
+        if self._docker is None:
+            # Without a connect timeout a wedged engine would hang every call forever.
+            timeout = aiohttp.ClientTimeout(sock_connect=10)
+            try:
+                self._docker = aiodocker.Docker(url=self._url, timeout=timeout)
+            except (ValueError, DockerError) as exc:  # no usable DOCKER_HOST, bad context
+                raise EngineUnavailable(
+                    f"Cannot set up a client for the container engine: {exc}. Set DOCKER_HOST "
+                    "or start the engine; `docker info` shows whether one answers."
+                ) from exc
+        return self._docker
+
+    @contextlib.contextmanager
+    def _engine_errors(
+        self, action: str, *, container_id: str | None = None, image: str | None = None
+    ) -> Iterator[None]:
+        """Translate every engine/transport error raised inside into a Dockyard error."""
+        try:
+            yield
+        except ContainerError:
+            raise
+        except DockerStreamError as exc:
+            raise ContainerError(f"Could not {action}: {exc.message}") from exc
+        except DockerError as exc:
+            self._raise_translated(action, exc.status, exc.message, container_id, image, exc)
+        except (aiohttp.ClientConnectionError, ConnectionError, FileNotFoundError) as exc:
+            self._raise_translated(action, 900, str(exc), container_id, image, exc)
+        except aiohttp.ClientError as exc:
+            raise ContainerError(f"Could not {action}: {exc}") from exc
+
+    def _raise_translated(
+        self,
+        action: str,
+        status: int,
+        message: str,
+        container_id: str | None,
+        image: str | None,
+        exc: BaseException,
+    ) -> NoReturn:
+        if status == 900:  # aiodocker's code for "could not connect"
+            raise EngineUnavailable(
+                f"Could not {action}: no container engine answers at {self.engine_address} "
+                f"({message}). Is dockerd running and is DOCKER_HOST right? "
+                "Check with `docker info`."
+            ) from exc
+        if status == 404 and container_id is not None:
+            raise ContainerGone(
+                f"Could not {action}: container {container_id[:12]} no longer exists "
+                f"on the engine ({message})"
+            ) from exc
+        if status == 404 and image is not None:
+            raise ImageError(
+                f"Could not {action}: image {image!r} is not present on the engine "
+                f"({message}). Dockyard never pulls from a registry: build it or load it "
+                "locally first."
+            ) from exc
+        raise ContainerError(
+            f"Could not {action}: the engine answered {status}: {message}"
+        ) from exc
+
+    # Images
+
+    async def build_image(
+        self,
+        context_dir: Path,
+        dockerfile: Path,
+        tag: str,
+        build_args: Mapping[str, str],
+        on_output: Callable[[str], None],
+        labels: Mapping[str, str] | None = None,
+    ) -> str:
+        context_dir = Path(context_dir)
+        archive, dockerfile_name = await asyncio.to_thread(
+            context_archive, context_dir, Path(dockerfile)
+        )
+        tail: deque[str] = deque(maxlen=_BUILD_TAIL_LINES)
+        step = ""
+        image_id = ""
+        pending = ""
+
+        def emit(text: str) -> None:
+            nonlocal pending, step
+            pending += text
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                tail.append(line)
+                if line.startswith("Step "):
+                    step = line
+                on_output(line)
+
+        def flush() -> None:
+            if pending:
+                emit("\n")
+
+        def failure(message: str) -> ImageError:
+            flush()
+            output = "\n".join(line for line in tail if line)
+            where = f" at {step!r}" if step else ""
+            return ImageError(
+                f"Building {tag} from {dockerfile} failed{where}: {message.strip()}\n"
+                f"Last build output:\n{output}"
+            )
+
+        chunks = self._client().images.build(
+            fileobj=archive,
+            encoding="identity",
+            path_dockerfile=dockerfile_name,
+            tag=tag,
+            buildargs=dict(build_args),
+            labels=dict(labels or {}),
+            rm=True,
+            forcerm=True,  # no intermediate containers left behind by a failed step
+            stream=True,
+        )
+        try:
+            with self._engine_errors(f"build {tag}"):
+                try:
+                    async for chunk in chunks:
+                        if "stream" in chunk:
+                            emit(chunk["stream"])
+                        aux = chunk.get("aux")
+                        if isinstance(aux, dict) and "ID" in aux:
+                            image_id = aux["ID"]
+                except DockerStreamError as exc:
+                    # A failed step: the engine reports it in-band, after the step's output.
+                    raise failure(exc.message) from exc
+        except (EngineUnavailable, ImageError):
+            raise
+        except ContainerError as exc:
+            raise failure(exc.message) from exc
+        flush()
+        if not image_id:
+            with self._engine_errors(f"inspect the image {tag} just built"):
+                image_id = (await self._client().images.inspect(tag))["Id"]
+        return image_id
+
+    async def image_exists(self, ref: str) -> bool:
+        with self._engine_errors(f"inspect image {ref!r}"):
+            try:
+                await self._client().images.inspect(ref)
+            except DockerError as exc:
+                if exc.status == 404:
+                    return False
+                raise
+        return True
+
+    # Containers
+
+    async def run(self, spec: ContainerSpec) -> ContainerInfo:
+        config = await self._create_config(spec)
+        docker = self._client()
+        disk_limited = False
+        if spec.disk_mb is not None and self._disk_limit is not False:
+            config["HostConfig"]["StorageOpt"] = {"size": f"{spec.disk_mb}M"}
+            disk_limited = True
+        with self._engine_errors(f"create a container from {spec.image!r}", image=spec.image):
+            try:
+                container = await docker.containers.create(config, name=spec.name)
+            except DockerError as exc:
+                if not (disk_limited and "storage-opt" in exc.message.lower()):
+                    if exc.status == 409:
+                        raise StartFailed(
+                            f"Could not create container {spec.name!r}: {exc.message}"
+                        ) from exc
+                    raise
+                # The storage driver cannot limit disk size (overlay2 needs xfs with
+                # pquota). Remember that and run without the limit rather than fail.
+                self._disk_limit = False
+                del config["HostConfig"]["StorageOpt"]
+                container = await docker.containers.create(config, name=spec.name)
+            else:
+                if disk_limited:
+                    self._disk_limit = True
+        with self._engine_errors(f"start the container from {spec.image!r}"):
+            try:
+                await container.start()
+            except DockerError as exc:
+                if exc.status == 900:
+                    raise
+                # A container that never ran is of no use to anyone; do not leave it behind.
+                with contextlib.suppress(ContainerError):
+                    await self.remove(container.id)
+                raise StartFailed(
+                    f"Container from {spec.image!r} failed to start: {exc.message}. "
+                    "Check the entrypoint/command and that its executable exists in the image."
+                ) from exc
+        info = await self.inspect(container.id)
+        if info is None:
+            raise ContainerGone(f"Container {container.id[:12]} vanished right after start")
+        return info
+
+    async def _create_config(self, spec: ContainerSpec) -> dict[str, Any]:
+        host: dict[str, Any] = {
+            "PortBindings": {
+                f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}] for port in spec.ports
+            }
+        }
+        if spec.vcpu is not None:
+            host["NanoCpus"] = int(spec.vcpu * 1e9)
+        if spec.memory_mib is not None:
+            host["Memory"] = host["MemorySwap"] = spec.memory_mib * 1024 * 1024
+        if not spec.enable_internet:
+            await self._ensure_no_internet_network()
+            host["NetworkMode"] = self._no_internet_network
+        config: dict[str, Any] = {
+            "Image": spec.image,
+            "Labels": dict(spec.labels),
+            "Env": [f"{key}={value}" for key, value in spec.env.items()],
+            "ExposedPorts": {f"{port}/tcp": {} for port in spec.ports},
+            "HostConfig": host,
+        }
+        if spec.entrypoint is not None:
+            config["Entrypoint"] = list(spec.entrypoint)
+            config["Cmd"] = []
+        return config
+
+    async def _ensure_no_internet_network(self) -> None:
+        if self._network_ready:
+            return
+        name = self._no_internet_network
+        networks = self._client().networks
+        with self._engine_errors(f"set up the network {name!r}"):
+            try:
+                await networks.create(
+                    {
+                        "Name": name,
+                        "Driver": "bridge",
+                        "CheckDuplicate": True,
+                        "Labels": {"dockyard.managed": "true"},
+                        "Options": {_MASQUERADE_OPTION: "false"},
+                    }
+                )
+            except DockerError as exc:
+                if exc.status != 409:  # another process created it first
+                    raise
+            options = (await (await networks.get(name)).show()).get("Options") or {}
+        if options.get(_MASQUERADE_OPTION) != "false":
+            raise StartFailed(
+                f"Network {name!r} exists but masquerades traffic, so it would not cut "
+                f"containers off from the internet. Remove it (`docker network rm {name}`) "
+                "and Dockyard will recreate it."
+            )
+        self._network_ready = True
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        with self._engine_errors("inspect a container", container_id=container_id):
+            try:
+                data = await self._client().containers.container(container_id).show()
+            except DockerError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+        return _container_info(data)
+
+    async def wait(self, container_id: str) -> ExitStatus:
+        container = self._client().containers.container(container_id)
+        with self._engine_errors("wait for a container", container_id=container_id):
+            result = await container.wait(condition="not-running")
+        info = await self.inspect(container_id)
+        oom_killed = info.oom_killed if info is not None else False
+        return ExitStatus(exit_code=int(result.get("StatusCode", -1)), oom_killed=oom_killed)
+
+    async def signal(self, container_id: str, sig: str | int) -> None:
+        await self._kill(container_id, str(sig))
+
+    async def kill(self, container_id: str) -> None:
+        await self._kill(container_id, "SIGKILL")
+
+    async def _kill(self, container_id: str, sig: str) -> None:
+        container = self._client().containers.container(container_id)
+        with self._engine_errors(f"send {sig} to a container", container_id=container_id):
+            try:
+                await container.kill(signal=sig)
+            except DockerError as exc:
+                if exc.status == 409 and "is not running" in exc.message:
+                    return
+                raise
+
+    async def stop(self, container_id: str, grace_period: float = 10.0) -> None:
+        container = self._client().containers.container(container_id)
+        with self._engine_errors("stop a container", container_id=container_id):
+            # The engine takes whole seconds; never round a grace period down to zero.
+            await container.stop(t=max(0, math.ceil(grace_period)))
+
+    async def remove(self, container_id: str) -> None:
+        container = self._client().containers.container(container_id)
+        with self._engine_errors("remove a container"):
+            try:
+                await container.delete(force=True, v=True)
+            except DockerError as exc:
+                # 404: already gone; 409: a removal is already in progress.
+                if exc.status not in (404, 409):
+                    raise
+
+    async def exec(
+        self,
+        container_id: str,
+        cmd: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+    ) -> ExecResult:
+        out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        async with self.exec_stream(container_id, cmd, env, workdir, user) as proc:
+            async for stream, chunk in proc:
+                out[stream].append(chunk)
+            code = await proc.exit_code()
+        return ExecResult(code, b"".join(out["stdout"]), b"".join(out["stderr"]))
+
+    def exec_stream(
+        self,
+        container_id: str,
+        cmd: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+    ) -> DockerExecProcess:
+        return DockerExecProcess(self, container_id, list(cmd), env, workdir, user)
+
+    async def logs(
+        self, container_id: str, follow: bool = False, tail: int | None = None
+    ) -> AsyncIterator[str]:
+        container = self._client().containers.container(container_id)
+        params: dict[str, Any] = {"tail": "all" if tail is None else str(tail)}
+        pending = ""
+        with self._engine_errors("read container logs", container_id=container_id):
+            if follow:
+                chunks = container.log(stdout=True, stderr=True, follow=True, **params)
+                async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                    async for text in chunks:
+                        *lines, pending = (pending + text).split("\n")
+                        for line in lines:
+                            yield line
+            else:
+                text = "".join(await container.log(stdout=True, stderr=True, **params))
+                *lines, pending = text.split("\n")
+                for line in lines:
+                    yield line
+        if pending:
+            yield pending
+
+    async def list(self, labels: Mapping[str, str]) -> builtins.list[ContainerInfo]:
+        filters = json.dumps({"label": [f"{key}={value}" for key, value in labels.items()]})
+        with self._engine_errors("list containers"):
+            found = await self._client().containers.list(all=True, filters=filters)
+        infos = await asyncio.gather(*(self.inspect(container.id) for container in found))
+        # A container removed between listing and inspecting is simply not there any more.
+        return [info for info in infos if info is not None]
+
+
+class DockerExecProcess:
+    """`ExecProcess` for `DockerRuntime.exec_stream`."""
+
+    def __init__(
+        self,
+        runtime: DockerRuntime,
+        container_id: str,
+        cmd: builtins.list[str],
+        env: Mapping[str, str] | None,
+        workdir: str | None,
+        user: str | None,
+    ) -> None:
+        self._runtime = runtime
+        self._container_id = container_id
+        self._cmd = cmd
+        self._env = env
+        self._workdir = workdir
+        self._user = user
+        self._exec: aiodocker.execs.Exec | None = None
+        self._stream: Stream | None = None
+        self._eof = False
+
+    def _errors(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return self._runtime._engine_errors(action, container_id=self._container_id)
+
+    async def __aenter__(self) -> Self:
+        container = self._runtime._client().containers.container(self._container_id)
+        with self._errors(f"run {self._cmd[:1]} in a container"):
+            self._exec = await container.exec(
+                self._cmd,
+                stdout=True,
+                stderr=True,
+                environment=dict(self._env) if self._env is not None else None,
+                workdir=self._workdir,
+                user=self._user or "",
+            )
+            stream = self._exec.start(detach=False)
+            await stream.__aenter__()
+            self._stream = stream
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[tuple[str, bytes]]:
+        if self._stream is None:
+            raise RuntimeError("use `async with runtime.exec_stream(...)` first")
+        with self._errors("read exec output"):
+            while not self._eof:
+                message = await self._stream.read_out()
+                if message is None:
+                    self._eof = True
+                    break
+                yield ("stderr" if message.stream == 2 else "stdout", message.data)
+
+    async def exit_code(self) -> int:
+        async for _ in self._chunks():
+            pass
+        assert self._exec is not None
+        # The output ends when the process closes it; the engine records the exit code a
+        # moment later, so poll the exec briefly (bounded).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        with self._errors("read an exec's exit code"):
+            while True:
+                data = await self._exec.inspect()
+                if not data.get("Running") and data.get("ExitCode") is not None:
+                    return int(data["ExitCode"])
+                if loop.time() > deadline:
+                    raise ContainerError(f"exec {self._cmd[:1]} never reported an exit code")
+                await asyncio.sleep(0.01)
+
+
+def _container_info(data: Mapping[str, Any]) -> ContainerInfo:
+    state = data.get("State") or {}
+    config = data.get("Config") or {}
+    ports = (data.get("NetworkSettings") or {}).get("Ports") or {}
+    host_ports: dict[int, int] = {}
+    for key, bindings in ports.items():
+        port, _, proto = key.partition("/")
+        for binding in bindings or []:
+            if (
+                proto == "tcp"
+                and binding.get("HostIp") in ("127.0.0.1", "")
+                and binding.get("HostPort")
+            ):
+                host_ports[int(port)] = int(binding["HostPort"])
+                break
+    status = str(state.get("Status", "unknown"))
+    running = bool(state.get("Running"))
+    return ContainerInfo(
+        id=data["Id"],
+        name=str(data.get("Name", "")).lstrip("/"),
+        image=str(config.get("Image", "")),
+        labels=dict(config.get("Labels") or {}),
+        status=status,
+        running=running,
+        exit_code=None if running or status == "created" else state.get("ExitCode"),
+        oom_killed=bool(state.get("OOMKilled")),
+        host_ports=host_ports,
+        started_at=_timestamp(state.get("StartedAt")),
+        finished_at=_timestamp(state.get("FinishedAt")),
+    )
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    # The engine uses "0001-01-01T00:00:00Z" for "never" and nanosecond precision,
+    # which datetime cannot hold: cut to microseconds.
+    if not value or value.startswith("0001-"):
+        return None
+    value = re.sub(r"(\.\d{6})\d+", r"\1", value).replace("Z", "+00:00")
+    return datetime.fromisoformat(value)

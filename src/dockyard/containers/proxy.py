@@ -1,0 +1,205 @@
+"""Forwarding HTTP requests and WebSockets to a container's port on 127.0.0.1.
+
+Bodies are streamed both ways. Each forward reports activity through callbacks so the
+owning Container can keep its in-flight count and its sleep timer right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from ..errors import ContainerGone
+from ..http import Request, Response, WebSocketPair
+
+__all__ = ["CONTAINER_BASE_URL", "forward_http", "forward_websocket", "open_session"]
+
+# Relative URLs given to container_fetch resolve here, so the container sees Host: container.
+CONTAINER_BASE_URL = "http://container"
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+WEBSOCKET_HANDSHAKE = frozenset(
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"}
+)
+
+
+def open_session() -> aiohttp.ClientSession:
+    """One pooled session per node for every container connection (keep-alive upstream)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=None),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+    )
+
+
+def target_url(request_url: str, host_port: int) -> URL:
+    url = URL(request_url)
+    if not url.is_absolute():
+        url = URL(CONTAINER_BASE_URL).join(url)
+    return URL.build(
+        scheme="http",
+        host="127.0.0.1",
+        port=host_port,
+        path=url.raw_path or "/",
+        query_string=url.raw_query_string,
+        encoded=True,
+    )
+
+
+def host_header(request_url: str) -> str:
+    url = URL(request_url)
+    if not url.is_absolute():
+        return URL(CONTAINER_BASE_URL).host or "container"
+    return url.raw_authority or "container"
+
+
+def _forward_headers(request: Request, *, websocket: bool = False) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for key, value in request.headers.items():
+        lower = key.lower()
+        if lower in HOP_BY_HOP or (websocket and lower in WEBSOCKET_HANDSHAKE):
+            continue
+        headers.add(key, value)
+    headers.setdefault("Host", host_header(request.url))
+    return headers
+
+
+async def forward_http(
+    session: aiohttp.ClientSession,
+    host_port: int,
+    request: Request,
+    *,
+    on_finished: Callable[[], None],
+    on_lost: Callable[[BaseException], ContainerGone],
+) -> Response:
+    """Send ``request`` to the container; ``on_finished`` runs once the body is done.
+
+    ``on_lost`` turns a connection failure into the error to raise (it knows whether
+    the container is still there).
+    """
+    try:
+        upstream = await session.request(
+            request.method,
+            target_url(request.url, host_port),
+            headers=_forward_headers(request),
+            data=request.stream() if request.has_body else None,
+            allow_redirects=False,
+        )
+    except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+        on_finished()
+        raise on_lost(exc) from exc
+    headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
+    if request.method == "HEAD" or upstream.status in (204, 304) or upstream.content_length == 0:
+        upstream.release()
+        on_finished()
+        return Response(None, status=upstream.status, headers=headers)
+    return Response(_relay(upstream, on_finished, on_lost), status=upstream.status, headers=headers)
+
+
+async def _relay(
+    upstream: aiohttp.ClientResponse,
+    on_finished: Callable[[], None],
+    on_lost: Callable[[BaseException], ContainerGone],
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    except aiohttp.ClientPayloadError as exc:
+        raise on_lost(exc) from exc
+    finally:
+        upstream.release()
+        on_finished()
+
+
+async def forward_websocket(
+    session: aiohttp.ClientSession,
+    host_port: int,
+    request: Request,
+    *,
+    on_message: Callable[[], None],
+    on_finished: Callable[[], None],
+    on_lost: Callable[[BaseException], ContainerGone],
+    tasks: set[asyncio.Task[Any]],
+) -> Response:
+    """Open a WebSocket to the container and hand the client end back as a 101."""
+    protocols = [
+        p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",") if p.strip()
+    ]
+    headers = _forward_headers(request, websocket=True)
+    headers.popall("sec-websocket-protocol", None)
+    try:
+        upstream = await session.ws_connect(
+            target_url(request.url, host_port),
+            headers=headers,
+            protocols=protocols,
+            autoping=True,
+            max_msg_size=0,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        on_finished()
+        return Response(f"Container refused the WebSocket upgrade: {exc.message}\n", status=502)
+    except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+        on_finished()
+        raise on_lost(exc) from exc
+    client, server = WebSocketPair()
+    server.accept()
+
+    async def container_to_client() -> None:
+        async for message in upstream:
+            on_message()
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await server.send(message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await server.send(message.data)
+            else:
+                break
+        await server.close(upstream.close_code or 1000, "")
+
+    async def client_to_container() -> None:
+        async for data in server:
+            on_message()
+            if isinstance(data, str):
+                await upstream.send_str(data)
+            else:
+                await upstream.send_bytes(data)
+        await upstream.close(code=server.close_code or 1000)
+
+    async def bridge() -> None:
+        pumps = [
+            asyncio.create_task(container_to_client()),
+            asyncio.create_task(client_to_container()),
+        ]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            if not upstream.closed:
+                await upstream.close()
+            await server.close(1000, "")
+            on_finished()
+
+    task = asyncio.create_task(bridge())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    response_headers = {}
+    if upstream.protocol:
+        response_headers["sec-websocket-protocol"] = upstream.protocol
+    return Response(None, status=101, headers=response_headers, web_socket=client)

@@ -1,0 +1,296 @@
+"""Fetch-style HTTP types: the only HTTP objects user code sees.
+
+A body is ``None``, ``bytes``, ``str`` or an async iterable of ``bytes``. Iterable bodies
+are streamed: nothing holds a whole body in memory unless the caller asks for it with
+``await body.bytes()`` / ``text()`` / ``json()``. A body can be consumed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json as _json
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+__all__ = [
+    "BodyInit",
+    "Headers",
+    "HeadersInit",
+    "Request",
+    "Response",
+    "WebSocket",
+    "WebSocketMessage",
+    "WebSocketPair",
+]
+
+Headers = CIMultiDict
+BodyInit = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | None
+HeadersInit = (
+    Mapping[str, str] | Iterable[tuple[str, str]] | CIMultiDict[str] | CIMultiDictProxy[str] | None
+)
+
+STREAM_CHUNK = 64 * 1024
+
+
+def make_headers(init: HeadersInit) -> CIMultiDict[str]:
+    if init is None:
+        return CIMultiDict()
+    if isinstance(init, CIMultiDict | CIMultiDictProxy):
+        return CIMultiDict(init)
+    if isinstance(init, Mapping):
+        return CIMultiDict((str(k), str(v)) for k, v in init.items())
+    return CIMultiDict((str(k), str(v)) for k, v in init)
+
+
+class BodyUsed(RuntimeError):
+    """A body was read twice."""
+
+
+class _Body:
+    """Body handling shared by requests and responses."""
+
+    headers: CIMultiDict[str]
+
+    def _init_body(self, body: BodyInit) -> None:
+        self._body_used = False
+        if isinstance(body, str):
+            self._body: bytes | AsyncIterable[bytes] | None = body.encode()
+            self.headers.setdefault("content-type", "text/plain; charset=utf-8")
+        elif isinstance(body, bytearray | memoryview):
+            self._body = bytes(body)
+        else:
+            self._body = body
+
+    @property
+    def body_used(self) -> bool:
+        return self._body_used
+
+    @property
+    def has_body(self) -> bool:
+        return self._body is not None
+
+    @property
+    def body_length(self) -> int | None:
+        """Length when the body is held in memory, None when it is a stream."""
+        if self._body is None:
+            return 0
+        if isinstance(self._body, bytes):
+            return len(self._body)
+        return None
+
+    def stream(self) -> AsyncIterator[bytes]:
+        """The body as an async iterator of chunks, consumed once."""
+        if self._body_used:
+            raise BodyUsed("body already read")
+        self._body_used = True
+        return _iterate(self._body)
+
+    async def bytes(self) -> bytes:
+        if isinstance(self._body, bytes) and not self._body_used:
+            self._body_used = True
+            return self._body
+        return b"".join([chunk async for chunk in self.stream()])
+
+    async def text(self) -> str:
+        return (await self.bytes()).decode()
+
+    async def json(self) -> Any:
+        return _json.loads(await self.bytes())
+
+
+async def _iterate(body: bytes | AsyncIterable[bytes] | None) -> AsyncIterator[bytes]:
+    if body is None:
+        return
+    if isinstance(body, bytes):
+        if body:
+            yield body
+        return
+    async for chunk in body:
+        if chunk:
+            yield bytes(chunk)
+
+
+class Request(_Body):
+    """An HTTP request: ``Request(url, method=..., headers=..., body=...)``.
+
+    ``Request(other, ...)`` copies ``other`` (taking over its body stream), with
+    keyword arguments overriding its fields, as ``new Request(request, init)`` does.
+    """
+
+    def __init__(
+        self,
+        input: str | URL | Request,
+        *,
+        method: str | None = None,
+        headers: HeadersInit = None,
+        body: BodyInit = None,
+    ) -> None:
+        self.url: str
+        self.method: str
+        if isinstance(input, Request):
+            self.url = input.url
+            self.method = (method or input.method).upper()
+            self.headers = make_headers(headers if headers is not None else input.headers)
+            if body is None and input._body is not None and not input._body_used:
+                body = input._body
+                input._body_used = True
+        else:
+            self.url = str(input)
+            self.method = (method or "GET").upper()
+            self.headers = make_headers(headers)
+        self._init_body(body)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.url}>"
+
+    @property
+    def path(self) -> str:
+        return URL(self.url).path
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        return URL(self.url).query
+
+    @property
+    def query_string(self) -> str:
+        return URL(self.url).query_string
+
+    @property
+    def is_websocket(self) -> bool:
+        return self.headers.get("upgrade", "").lower() == "websocket"
+
+
+class _class_or_instance:
+    """``Response.json(obj)`` constructs (as in fetch); ``await response.json()`` reads."""
+
+    def __init__(self, constructor: Any) -> None:
+        self._constructor = constructor
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        if instance is None:
+            return self._constructor.__get__(owner, owner)
+        return _Body.json.__get__(instance, owner)
+
+
+class Response(_Body):
+    """An HTTP response, or with ``web_socket`` the client end of an accepted WebSocket."""
+
+    def __init__(
+        self,
+        body: BodyInit = None,
+        *,
+        status: int = 200,
+        headers: HeadersInit = None,
+        web_socket: WebSocket | None = None,
+    ) -> None:
+        if not 100 <= status <= 599:
+            raise ValueError(f"Response status must be between 100 and 599, got {status}")
+        self.status = status
+        self.headers = make_headers(headers)
+        self.web_socket = web_socket
+        self._init_body(body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status}>"
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @_class_or_instance
+    def json(
+        cls: type[Response], data: Any, *, status: int = 200, headers: HeadersInit = None
+    ) -> Response:
+        """``Response.json(obj)`` builds a JSON response; ``await response.json()`` reads one."""
+        response = cls(_json.dumps(data).encode(), status=status, headers=headers)
+        response.headers["content-type"] = "application/json"
+        return response
+
+    @classmethod
+    def redirect(cls, url: str, status: int = 302) -> Response:
+        if status not in (301, 302, 303, 307, 308):
+            raise ValueError(f"redirect status must be 301, 302, 303, 307 or 308, got {status}")
+        return cls(None, status=status, headers={"location": url})
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketMessage:
+    type: Literal["text", "binary", "close"]
+    data: str | bytes | None = None
+    code: int | None = None
+    reason: str = ""
+
+
+class WebSocketClosed(RuntimeError):
+    """Sending on a closed WebSocket."""
+
+
+class WebSocket:
+    """One end of an in-process WebSocket pair.
+
+    The gateway bridges the client's real connection to one end; user code (or the
+    Container class) holds the other. Messages sent on one end arrive at the other.
+    """
+
+    def __init__(self) -> None:
+        self._inbox: asyncio.Queue[WebSocketMessage] = asyncio.Queue()
+        self._peer: WebSocket | None = None
+        self.accepted = False
+        self.closed = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._closed_event = asyncio.Event()
+
+    def accept(self) -> None:
+        self.accepted = True
+
+    async def send(self, data: str | bytes) -> None:
+        if self.closed or self._peer is None:
+            raise WebSocketClosed("WebSocket is closed")
+        kind: Literal["text", "binary"] = "text" if isinstance(data, str) else "binary"
+        self._peer._inbox.put_nowait(WebSocketMessage(kind, data))
+
+    async def receive(self) -> WebSocketMessage:
+        message = await self._inbox.get()
+        if message.type == "close":
+            self._mark_closed(message.code, message.reason)
+        return message
+
+    def _mark_closed(self, code: int | None, reason: str) -> None:
+        self.closed = True
+        self.close_code = code
+        self.close_reason = reason
+        self._closed_event.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until this end has sent or received a close."""
+        await self._closed_event.wait()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self.closed:
+            return
+        self._mark_closed(code, reason)
+        if self._peer is not None and not self._peer.closed:
+            self._peer._inbox.put_nowait(WebSocketMessage("close", None, code, reason))
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[str | bytes]:
+        while True:
+            message = await self.receive()
+            if message.type == "close":
+                return
+            assert message.data is not None
+            yield message.data
+
+
+def WebSocketPair() -> tuple[WebSocket, WebSocket]:
+    """Two linked WebSocket ends: ``client, server = WebSocketPair()``."""
+    client, server = WebSocket(), WebSocket()
+    client._peer, server._peer = server, client
+    return client, server

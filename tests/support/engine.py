@@ -1,0 +1,109 @@
+"""Fixtures for tests on the real container engine.
+
+Every container a test starts carries `test_labels`; the fixture removes all containers
+(and images) with those labels afterwards, so no test leaves anything behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from dockyard.containers.docker import DockerRuntime
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def _script(name: str) -> str:
+    result = subprocess.run(
+        [str(ROOT / "scripts" / name)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        pytest.fail(f"scripts/{name} failed:\n{result.stderr}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def busybox_image() -> str:
+    return _script("base-image")
+
+
+@pytest.fixture(scope="session")
+def python_image() -> str:
+    return _script("python-base-image")
+
+
+@pytest_asyncio.fixture
+async def docker_runtime() -> AsyncIterator[DockerRuntime]:
+    async with DockerRuntime() as runtime:
+        yield runtime
+
+
+@pytest_asyncio.fixture
+async def test_labels(docker_runtime: DockerRuntime) -> AsyncIterator[dict[str, str]]:
+    labels = {"dockyard.app": f"test-{secrets.token_hex(4)}"}
+    yield labels
+    for info in await docker_runtime.list(labels):
+        await docker_runtime.remove(info.id)
+    # Images built by a test carry the same labels; remove them too (by label, never
+    # by name), so reruns start clean.
+    label_filter = ",".join(f"{key}={value}" for key, value in labels.items())
+    found = (await docker_cli("image", "ls", "-q", "--filter", f"label={label_filter}")).split()
+    if found:
+        await docker_cli("image", "rm", "-f", *set(found))
+
+
+async def docker_cli(*args: str) -> str:
+    """Run the docker CLI (for checks and cleanup the runtime API does not offer)."""
+    proc = await asyncio.create_subprocess_exec(
+        "docker", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {err.decode()}")
+    return out.decode()
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[T | None]], *, within: float = 10.0, interval: float = 0.02
+) -> T:
+    """Poll `check` until it returns something truthy; fail the test after `within` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if loop.time() > deadline:
+            pytest.fail(f"condition not met within {within} s")
+        await asyncio.sleep(interval)
+
+
+async def http_get_when_ready(url: str, *, within: float = 10.0) -> str:
+    """GET `url`, retrying while nothing listens yet; returns the body of a 200."""
+    async with aiohttp.ClientSession() as session:
+
+        async def attempt() -> str | None:
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    return await resp.text() if resp.status == 200 else None
+            except (TimeoutError, aiohttp.ClientConnectionError):
+                return None
+
+        return await wait_until(attempt, within=within, interval=0.01)
+
+
+async def engine_inspect(container_id: str) -> dict[str, Any]:
+    """The engine's raw view of a container, for checks the runtime API does not expose."""
+    data: dict[str, Any] = json.loads(await docker_cli("inspect", container_id))[0]
+    return data

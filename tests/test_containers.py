@@ -1,0 +1,405 @@
+"""The Container class on the real engine, driven through `dockyard dev` like a user would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from dockyard.containers.docker import DockerRuntime
+from tests.support.devserver import DevServer
+from tests.support.engine import engine_inspect, wait_until
+from tests.support.projects import Project, make_project
+
+pytestmark = pytest.mark.docker
+
+
+@pytest_asyncio.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+@pytest.fixture
+def cleanup(docker_runtime: DockerRuntime) -> Iterator[list[Project]]:
+    """Projects registered here have every container of theirs removed afterwards."""
+    projects: list[Project] = []
+    yield projects
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _remove_leftovers(
+    docker_runtime: DockerRuntime, cleanup: list[Project]
+) -> AsyncIterator[None]:
+    yield
+    for project in cleanup:
+        for info in await docker_runtime.list(project.labels):
+            await docker_runtime.remove(info.id)
+
+
+def project_for(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    classes: dict[str, dict[str, Any]],
+    **kwargs: Any,
+) -> Project:
+    project = make_project(tmp_path / "app", classes, **kwargs)
+    cleanup.append(project)
+    return project
+
+
+async def running(runtime: DockerRuntime, project: Project, **labels: str) -> list[Any]:
+    infos = await runtime.list({**project.labels, **labels})
+    return [i for i in infos if i.running]
+
+
+async def rpc(session: aiohttp.ClientSession, url: str, *args: Any) -> Any:
+    async with session.post(url, json=list(args)) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def test_cold_start_shares_one_start_across_50_requests(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(tmp_path, cleanup, busybox_image, {"Web": {}})
+    with DevServer(project.root) as dev:
+
+        async def first(_: int) -> tuple[int, str]:
+            async with session.get(dev.url + "/c/WEB/solo/") as response:
+                return response.status, await response.text()
+
+        results = await asyncio.gather(*(first(i) for i in range(50)))
+        assert results == [(200, "hello from the container\n")] * 50
+        assert len(await running(docker_runtime, project)) == 1
+        env = await (await session.get(dev.url + "/c/WEB/solo/cgi-bin/env")).text()
+        assert "DOCKYARD_APPLICATION=" + project.name in env
+        assert "DOCKYARD_LOCATION=local" in env
+        [info] = await running(docker_runtime, project)
+        assert f"DOCKYARD_DURABLE_OBJECT_ID={info.labels['dockyard.object_id']}" in env
+        assert info.labels["dockyard.class"] == "Web"
+        assert info.labels["dockyard.version"]
+        assert info.labels["dockyard.object_name"] == "solo"
+    # dockyard dev stops what it started.
+    assert await running(docker_runtime, project) == []
+
+
+async def test_names_isolate_and_get_random_stays_within_its_set(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(tmp_path, cleanup, busybox_image, {"Web": {}})
+    with DevServer(project.root) as dev:
+        for name in ("alice", "bob", "alice"):
+            async with session.get(f"{dev.url}/c/WEB/{name}/") as response:
+                assert response.status == 200
+        names = sorted(
+            i.labels["dockyard.object_name"] for i in await running(docker_runtime, project)
+        )
+        assert names == ["alice", "bob"]
+        statuses = []
+        for _ in range(100):
+            async with session.get(f"{dev.url}/random/WEB/3/") as response:
+                statuses.append(response.status)
+        assert statuses == [200] * 100
+        randoms = [
+            i
+            for i in await running(docker_runtime, project)
+            if i.labels["dockyard.object_name"].startswith("instance-")
+        ]
+        assert 1 <= len(randoms) <= 3
+
+
+async def test_sleep_after_stops_idle_containers_but_not_busy_ones(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    python_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(
+        tmp_path,
+        cleanup,
+        busybox_image,
+        {"Web": {}, "Echo": {}},
+        sleep_after="2s",
+        base_images={"echo": python_image},
+    )
+    with DevServer(project.root) as dev:
+        # Idle: stopped 2-4 s after the last request, on_stop called once.
+        async with session.get(dev.url + "/c/WEB/idle/") as response:
+            assert response.status == 200
+        last = time.monotonic()
+        await wait_until(
+            lambda: _none_running(docker_runtime, project, "idle"), within=6, interval=0.05
+        )
+        stopped_after = time.monotonic() - last
+        assert 2.0 <= stopped_after <= 4.0, stopped_after
+        stops = await rpc(session, dev.url + "/rpc/WEB/idle/stops")
+        assert len(stops) == 1 and stops[0][1] == "stop"
+        state = await rpc(session, dev.url + "/rpc/WEB/idle/state")
+        assert state["status"] == "stopped"
+
+        # A slow request (5 s) keeps it awake past sleep_after.
+        async with session.get(dev.url + "/c/WEB/slow/cgi-bin/slow?5") as response:
+            assert await response.text() == "slow done\n"
+        assert len(await running(docker_runtime, project, **{"dockyard.object_name": "slow"})) == 1
+
+        # So does an open WebSocket with no traffic for longer than sleep_after.
+        async with session.ws_connect(dev.url + "/c/ECHO/ws/") as ws:
+            await ws.send_str("ping")
+            assert (await ws.receive(timeout=30)).data == "ping"
+            await asyncio.sleep(3.5)  # idle WebSocket, longer than sleep_after on purpose
+            assert (
+                len(await running(docker_runtime, project, **{"dockyard.object_name": "ws"})) == 1
+            )
+            await ws.send_str("still here")
+            assert (await ws.receive(timeout=10)).data == "still here"
+        await wait_until(
+            lambda: _none_running(docker_runtime, project, "ws"), within=6, interval=0.05
+        )
+
+        # The next request starts a fresh container.
+        async with session.get(dev.url + "/c/WEB/idle/") as response:
+            assert response.status == 200
+        assert len(await running(docker_runtime, project, **{"dockyard.object_name": "idle"})) == 1
+
+
+async def _none_running(runtime: DockerRuntime, project: Project, name: str) -> bool:
+    return not await running(runtime, project, **{"dockyard.object_name": name})
+
+
+async def test_exit_code_is_reported_and_next_request_starts_fresh(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(tmp_path, cleanup, busybox_image, {"Quitter": {}})
+    with DevServer(project.root) as dev:
+        async with session.get(dev.url + "/c/QUITTER/q/") as response:
+            assert response.status == 200
+        [first] = await running(docker_runtime, project)
+        await rpc(session, dev.url + "/rpc/QUITTER/q/run", ["touch", "/tmp/quit"])
+
+        async def stopped() -> Any:
+            state = await rpc(session, dev.url + "/rpc/QUITTER/q/state")
+            return state if state["status"] == "stopped_with_code" else None
+
+        state = await wait_until(stopped, within=10)
+        assert state["exit_code"] == 3
+        assert await rpc(session, dev.url + "/rpc/QUITTER/q/stops") == [[3, "exit"]]
+        async with session.get(dev.url + "/c/QUITTER/q/") as response:
+            assert response.status == 200
+        [second] = await running(docker_runtime, project)
+        assert second.id != first.id
+
+
+async def test_lifecycle_methods_exec_and_schedules_through_the_stub(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(tmp_path, cleanup, busybox_image, {"Web": {}})
+    base = "/rpc/WEB/ops/"
+    dev = DevServer(project.root).start()
+    try:
+        await rpc(session, dev.url + base + "start")
+        assert len(await running(docker_runtime, project)) == 1
+        result = await rpc(
+            session, dev.url + base + "run", ["sh", "-c", "echo out; echo err >&2; exit 4"]
+        )
+        assert result == {"exit_code": 4, "stdout": "out\n", "stderr": "err\n"}
+        await rpc(session, dev.url + base + "stop")
+        assert (await rpc(session, dev.url + base + "state"))["status"] == "stopped"
+        assert await running(docker_runtime, project) == []
+        await rpc(session, dev.url + base + "start")
+        await rpc(session, dev.url + base + "destroy")
+        assert await running(docker_runtime, project) == []
+        assert [s[1] for s in await rpc(session, dev.url + base + "stops")] == ["stop", "destroy"]
+
+        # A schedule 3 s ahead survives a restart of dockyard dev and runs once.
+        schedule_id = await rpc(session, dev.url + base + "add_schedule", 3, {"n": 1})
+        assert await rpc(session, dev.url + base + "schedules") == [schedule_id]
+        assert dev.stop() == 0
+        dev = DevServer(project.root).start()
+
+        async def ran() -> Any:
+            return await rpc(session, dev.url + base + "scheduled")
+
+        assert await wait_until(ran, within=15, interval=0.2) == [{"n": 1}]
+        assert await rpc(session, dev.url + base + "schedules") == []
+        await asyncio.sleep(1)
+        assert await rpc(session, dev.url + base + "scheduled") == [{"n": 1}]
+    finally:
+        dev.stop()
+
+
+async def test_lite_instance_limits_and_oom_kill(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(
+        tmp_path, cleanup, busybox_image, {"Web": {"instance_type": "lite"}, "Hog": {}}
+    )
+    with DevServer(project.root) as dev:
+        async with session.get(dev.url + "/c/WEB/lim/") as response:
+            assert response.status == 200
+        [info] = await running(docker_runtime, project)
+        host_config = (await engine_inspect(info.id))["HostConfig"]
+        assert host_config["Memory"] == 256 * 1024 * 1024
+        assert host_config["MemorySwap"] == host_config["Memory"]
+        assert host_config["NanoCpus"] == 1_000_000_000 // 16
+
+        await rpc(session, dev.url + "/rpc/HOG/hog/start")
+
+        async def stopped() -> Any:
+            stops = await rpc(session, dev.url + "/rpc/HOG/hog/stops")
+            return stops or None
+
+        stops = await wait_until(stopped, within=20, interval=0.1)
+        assert stops == [[137, "oom"]]
+        dev.wait_for("running out of memory")
+
+
+async def test_websocket_echo_and_50_mb_streams(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    python_image: str,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(
+        tmp_path,
+        cleanup,
+        busybox_image,
+        {"Web": {}, "Echo": {}},
+        base_images={"echo": python_image},
+    )
+    with DevServer(project.root) as dev:
+        async with session.ws_connect(dev.url + "/c/ECHO/e/") as ws:
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=30)).data == "hello"
+            await ws.send_bytes(b"\x00\x01" * 40000)
+            assert (await ws.receive(timeout=10)).data == b"\x00\x01" * 40000
+
+        size = 50 * 1024 * 1024
+
+        async def body() -> AsyncIterator[bytes]:
+            chunk = b"y" * (1 << 20)
+            for _ in range(50):
+                yield chunk
+
+        baseline = dev.rss_kib()
+        headers = {"Content-Length": str(size)}
+        async with session.post(
+            dev.url + "/c/WEB/big/cgi-bin/count", data=body(), headers=headers
+        ) as response:
+            assert response.status == 200
+            assert (await response.text()).strip() == str(size)
+        received = 0
+        async with session.get(dev.url + "/c/WEB/big/big") as response:
+            assert response.status == 200
+            async for chunk in response.content.iter_chunked(1 << 20):
+                received += len(chunk)
+        assert received == size
+        growth_mib = (dev.peak_rss_kib() - baseline) / 1024
+        assert growth_mib < 20, f"dockyard dev grew {growth_mib:.1f} MiB while streaming"
+
+
+async def test_start_failures_map_to_clear_errors(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(
+        tmp_path,
+        cleanup,
+        busybox_image,
+        {"Web": {"max_instances": 2}, "BadEntry": {}, "NoPort": {}, "Broken": {}},
+    )
+    with DevServer(project.root) as dev:
+        dev.wait_for("exit")  # the failing build's log reaches the console
+        for name in ("a", "b"):
+            async with session.get(f"{dev.url}/c/WEB/{name}/") as response:
+                assert response.status == 200
+        async with session.get(f"{dev.url}/c/WEB/c/") as response:
+            assert response.status == 503
+            assert "max_instances (2)" in await response.text()
+
+        async with session.get(f"{dev.url}/c/BADENTRY/x/") as response:
+            text = await response.text()
+            assert response.status == 500
+            assert text.startswith("Failed to start container:") and "/no/such/program" in text
+
+        async with session.get(f"{dev.url}/c/NOPORT/x/") as response:
+            text = await response.text()
+            assert response.status == 500
+            assert "port 8080 did not answer" in text
+        # A start that failed leaves nothing running.
+        assert await running(docker_runtime, project, **{"dockyard.class": "NoPort"}) == []
+
+        async with session.get(f"{dev.url}/c/BROKEN/x/") as response:
+            text = await response.text()
+            assert response.status == 500
+            assert "Failed to start container:" in text and "exit 7" in text
+
+
+async def test_sigkill_of_dev_then_restart_adopts_without_orphans_or_duplicates(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(tmp_path, cleanup, busybox_image, {"Web": {}})
+    dev = DevServer(project.root).start()
+    for name in ("one", "two"):
+        async with session.get(f"{dev.url}/c/WEB/{name}/") as response:
+            assert response.status == 200
+    before = {
+        i.labels["dockyard.object_name"]: i.id for i in await running(docker_runtime, project)
+    }
+    dev.kill()
+    # Containers outlive a killed platform ...
+    assert len(await running(docker_runtime, project)) == 2
+    dev = DevServer(project.root).start()
+    try:
+        # ... and the next run takes them back instead of starting new ones.
+        for name in ("one", "two", "three"):
+            async with session.get(f"{dev.url}/c/WEB/{name}/") as response:
+                assert response.status == 200
+        after = {
+            i.labels["dockyard.object_name"]: i.id for i in await running(docker_runtime, project)
+        }
+        assert after["one"] == before["one"] and after["two"] == before["two"]
+        assert sorted(after) == ["one", "three", "two"]
+        assert (await rpc(session, dev.url + "/rpc/WEB/one/state"))["status"] == "healthy"
+    finally:
+        assert dev.stop() == 0
+    assert await running(docker_runtime, project) == []
+    assert json.dumps(await docker_runtime.list(project.labels), default=str) == "[]"
