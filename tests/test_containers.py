@@ -151,7 +151,7 @@ async def test_sleep_after_stops_idle_containers_but_not_busy_ones(
         )
         stopped_after = time.monotonic() - last
         assert 2.0 <= stopped_after <= 4.0, stopped_after
-        stops = await rpc(session, dev.url + "/rpc/WEB/idle/stops")
+        stops = await wait_until(lambda: rpc(session, dev.url + "/rpc/WEB/idle/stops"))
         assert len(stops) == 1 and stops[0][1] == "stop"
         state = await rpc(session, dev.url + "/rpc/WEB/idle/state")
         assert state["status"] == "stopped"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from pathlib import Path
@@ -237,10 +238,31 @@ async def test_list_by_labels(
 async def test_bad_entrypoint_is_start_failed_and_leaves_nothing(
     docker_runtime: DockerRuntime, busybox_image: str, test_labels: dict[str, str]
 ) -> None:
+    without_init = dataclasses.replace(spec(busybox_image, test_labels, ["nope"]), init=False)
     with pytest.raises(StartFailed) as caught:
-        await docker_runtime.run(spec(busybox_image, test_labels, ["nope"]))
+        await docker_runtime.run(without_init)
     assert 'exec: "nope": executable file not found in $PATH' in str(caught.value)
     assert await docker_runtime.list(test_labels) == []
+
+
+async def test_with_init_a_bad_entrypoint_exits_127_and_says_why(
+    docker_runtime: DockerRuntime, busybox_image: str, test_labels: dict[str, str]
+) -> None:
+    # The default init starts, then fails to exec the program: the engine's start succeeds.
+    info = await docker_runtime.run(spec(busybox_image, test_labels, ["nope"]))
+    assert (await docker_runtime.wait(info.id)).exit_code == 127
+    output = " ".join([line async for line in docker_runtime.logs(info.id)])
+    assert "nope" in output
+
+
+async def test_init_forwards_sigterm_to_a_server_without_handlers(
+    docker_runtime: DockerRuntime, busybox_image: str, test_labels: dict[str, str]
+) -> None:
+    # httpd as PID 1 would ignore SIGTERM; under the init it ends at once.
+    info = await docker_runtime.run(spec(busybox_image, test_labels, ["httpd", "-f", "-p", "8080"]))
+    await docker_runtime.signal(info.id, "SIGTERM")
+    status = await asyncio.wait_for(docker_runtime.wait(info.id), 5)
+    assert status.exit_code == 143
 
 
 async def test_missing_image_is_image_error(

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from pathlib import Path
@@ -92,7 +91,7 @@ async def test_failing_alarm_is_retried_with_backoff_then_dropped(
         Alarmed.failures_left = {"flaky": 2, "broken": 100}
         await ns.get_by_name("flaky").schedule(0)
         await ns.get_by_name("broken").schedule(0)
-        await wait_for(lambda: host.statistics().pending_alarms == 0, timeout=10)
+        await wait_for(lambda: host.statistics().pending_alarms == 0, within=10)
         flaky = [info for name, info in Alarmed.runs if name == "flaky"]
         broken = [info for name, info in Alarmed.runs if name == "broken"]
         assert [i.retry_count for i in flaky] == [0, 1, 2]
@@ -108,7 +107,8 @@ async def test_alarms_wait_for_their_class(tmp_path: Path) -> None:
         host.set_class("Alarmed", Alarmed)
         await host.namespace("Alarmed").get_by_name("a").schedule(0)
     async with ObjectHost(tmp_path, app="t") as host:
-        await asyncio.sleep(0.05)  # the scheduler ran: nothing may fire without a class
+        # the due alarm is parked (not fired) while its class is unbound
+        await wait_for(lambda: bool(host.alarms._parked.get("Alarmed")))
         assert Alarmed.runs == []
         host.set_class("Alarmed", Alarmed)
         await wait_for(lambda: len(Alarmed.runs) == 1)

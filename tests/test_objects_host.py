@@ -303,7 +303,7 @@ async def test_evicted_object_is_rebuilt_with_storage_and_closed_file(host: Obje
     cell = host._cells[("Counter", stub.id.hex)]
     await wait_for(lambda: host.live_count() == 0)
     assert cell.storage.closed
-    assert not Path(str(cell.storage.path) + "-wal").exists()  # last connection closed
+    assert not Path(str(cell.storage.path) + "-wal").exists()  # noqa: ASYNC240
     assert await stub.increment() == 2
     assert Counter.builds == 2
 

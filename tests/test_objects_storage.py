@@ -118,7 +118,7 @@ async def test_kv_limits_and_bad_arguments(storage: DurableObjectStorage) -> Non
         await storage.put(1, 1)  # type: ignore[arg-type]
     with pytest.raises(StorageError, match="needs a value"):
         await storage.put("x")
-    with pytest.raises(StorageError, match="set.*'s'"):
+    with pytest.raises(StorageError, match=r"set.*'s'"):
         await storage.put("s", {1})
     # a refused entry in a batch writes nothing
     with pytest.raises(StorageError):
@@ -147,9 +147,9 @@ async def test_sql_exec_and_cursor(storage: DurableObjectStorage) -> None:
     assert cursor.to_array() == [{"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
     assert list(sql.exec("SELECT name FROM t WHERE id > ?", 1).raw()) == [("b",), ("c",)]
     assert sql.exec("SELECT count(*) AS n FROM t").one() == {"n": 3}
-    with pytest.raises(StorageError, match="exactly one row.*returned 3"):
+    with pytest.raises(StorageError, match=r"exactly one row.*returned 3"):
         sql.exec("SELECT * FROM t").one()
-    with pytest.raises(StorageError, match="exactly one row.*returned 0"):
+    with pytest.raises(StorageError, match=r"exactly one row.*returned 0"):
         sql.exec("SELECT * FROM t WHERE id = 99").one()
     with pytest.raises(StorageError, match="SQL error: no such table"):
         sql.exec("SELECT * FROM nope")
@@ -225,7 +225,7 @@ async def test_transaction_sync_commits_or_rolls_back(storage: DurableObjectStor
     async def not_sync() -> None:
         storage.kv.put("z", 1)
 
-    with pytest.raises(StorageError, match="await storage.transaction"):
+    with pytest.raises(StorageError, match=r"await storage\.transaction"):
         storage.transaction_sync(not_sync)  # type: ignore[arg-type]
     assert await storage.get("z") is None
 

@@ -1,6 +1,6 @@
 """Dockyard: containers on demand behind Python Workers and Durable Objects.
 
-    from dockyard import Container, DurableObject, Request, Response, get_container
+from dockyard import Container, DurableObject, Request, Response, get_container
 """
 
 from .containers import (

@@ -80,7 +80,15 @@ class DevServer:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"dockyard dev did not exit within {timeout}s of signal {sig}; output:\n"
+                + self.output
+            ) from None
         self._reader.join(10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()

@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    """Poll ``condition`` until true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+async def wait_for(condition: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
+    """Poll ``condition`` until true, failing after ``within`` seconds."""
+    deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+            raise AssertionError(f"timed out after {within}s waiting for {what or condition}")
         await asyncio.sleep(0.01)

@@ -13,7 +13,9 @@ class HelloContainer(Container):
         log.info("Container successfully started")
 
     async def on_stop(self, params):
-        log.info("Container successfully shut down (exit code %s, %s)", params.exit_code, params.reason)
+        log.info(
+            "Container successfully shut down (exit code %s, %s)", params.exit_code, params.reason
+        )
 
     async def on_error(self, error):
         log.error("Container error: %s", error)

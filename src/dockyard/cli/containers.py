@@ -138,9 +138,7 @@ def info(ref: str, project: ProjectOption = Path(".")) -> None:
 def logs(
     ref: str,
     project: ProjectOption = Path("."),
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing.")
-    ] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
     tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
 ) -> None:
     """Print a container's output (stdout and stderr)."""

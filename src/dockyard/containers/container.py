@@ -10,6 +10,7 @@ with the real exit code and why it ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ from datetime import datetime
 from typing import Any, ClassVar, Literal
 
 import aiohttp
-from yarl import URL
 
 from ..durations import parse_duration
 from ..errors import ContainerError, ContainerGone, DockyardError, StartFailed
@@ -429,18 +429,22 @@ class Container(DurableObject):
             await self._stopped.wait()
 
     async def _wait_for_port(self, port: int) -> None:
-        host_port = self._handle.host_port(port)
         host, _, path = self.ping_endpoint.partition("/")
-        url = target_url(f"http://{host or 'container'}/{path}", host_port)
         session = self._handle.manager.session
         deadline = time.monotonic() + self.port_timeout
         interval = 0.01
         while True:
+            if self._handle.info is not None and port not in self._handle.info.host_ports:
+                # No published port usually means the process died at once; let the
+                # monitor confirm that before blaming the configuration.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), 2.0)
             if not self._handle.running:
                 raise StartFailed(
                     f"the container exited with code {self._state.exit_code} before port "
-                    f"{port} answered{await self._last_logs()}"
+                    f"{port} answered{self._handle.last_output_summary()}"
                 )
+            url = target_url(f"http://{host or 'container'}/{path}", self._handle.host_port(port))
             remaining = deadline - time.monotonic()
             try:
                 timeout = aiohttp.ClientTimeout(total=min(self.probe_timeout, max(remaining, 0.1)))
@@ -452,8 +456,8 @@ class Container(DurableObject):
             if time.monotonic() + interval > deadline:
                 raise StartFailed(
                     f"port {port} did not answer HTTP within {self.port_timeout}s "
-                    f"(probed {URL(str(url)).path} every {self.wait_interval}s); check that "
-                    f"the server listens on 0.0.0.0:{port}{await self._last_logs()}"
+                    f"(probed /{path} with Host: {host}); check that the server listens on "
+                    f"0.0.0.0:{port}{await self._last_logs()}"
                 )
             await asyncio.sleep(interval)
             interval = min(interval * 2, self.wait_interval)
@@ -461,7 +465,7 @@ class Container(DurableObject):
     async def _last_logs(self) -> str:
         info = self._handle.info
         if info is None:
-            return ""
+            return self._handle.last_output_summary()
         try:
             lines = [line async for line in self._handle.runtime.logs(info.id, tail=5)]
         except ContainerError:

@@ -288,7 +288,8 @@ class DockerRuntime:
         host: dict[str, Any] = {
             "PortBindings": {
                 f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}] for port in spec.ports
-            }
+            },
+            "Init": spec.init,
         }
         if spec.vcpu is not None:
             host["NanoCpus"] = int(spec.vcpu * 1e9)

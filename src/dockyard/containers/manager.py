@@ -253,6 +253,10 @@ class ContainerHandle:
         self.object_id = object_id
         self.object_name = object_name
         self.info: ContainerInfo | None = None
+        self.last_output: list[str] = []
+
+    def last_output_summary(self) -> str:
+        return "; last output: " + " | ".join(self.last_output) if self.last_output else ""
 
     @property
     def running(self) -> bool:
@@ -311,6 +315,11 @@ class ContainerHandle:
             status = await self.runtime.wait(info.id)
         except ContainerError:
             status = ExitStatus(exit_code=-1, oom_killed=False)
+        # Keep the last words before the container (and its log) is removed.
+        try:
+            self.last_output = [line async for line in self.runtime.logs(info.id, tail=5)]
+        except ContainerError:
+            self.last_output = []
         try:
             await self.runtime.remove(info.id)
         except ContainerError as exc:

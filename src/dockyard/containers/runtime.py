@@ -37,6 +37,9 @@ class ContainerSpec:
     # ports reachable from loopback; see the implementation for how far that goes.
     enable_internet: bool = True
     name: str | None = None
+    # Run a tiny init as PID 1 that forwards signals and reaps zombies, so SIGTERM stops
+    # servers that install no handler of their own (PID 1 ignores unhandled signals).
+    init: bool = True
 
 
 @dataclass(frozen=True, slots=True)

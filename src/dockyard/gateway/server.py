@@ -92,30 +92,34 @@ class Gateway:
         ws = web.WebSocketResponse(autoping=True, max_msg_size=0)
         await ws.prepare(raw)
 
-        async def to_worker() -> None:
+        async def client_to_worker() -> None:
             async for message in ws:
-                if message.type == WSMsgType.TEXT:
+                if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     await end.send(message.data)
-                elif message.type == WSMsgType.BINARY:
-                    await end.send(message.data)
-            await end.close(ws.close_code or 1000, "")
+            await end.close(_close_code(ws.close_code), "")
 
-        pump = asyncio.create_task(to_worker())
-        try:
+        async def worker_to_client() -> None:
             while True:
                 message = await end.receive()
                 if message.type == "close":
                     await ws.close(code=_close_code(message.code), message=message.reason.encode())
-                    break
+                    return
                 if isinstance(message.data, str):
                     await ws.send_str(message.data)
                 elif message.data is not None:
                     await ws.send_bytes(message.data)
-        except ConnectionResetError:
-            await end.close(1006, "client went away")
+
+        # Whichever side ends first ends the bridge; the other side is told and closed.
+        pumps = [asyncio.create_task(client_to_worker()), asyncio.create_task(worker_to_client())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            await end.close(1001, "client went away")
+            if not ws.closed:
+                await ws.close()
         return ws
 
 
