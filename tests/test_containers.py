@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -403,3 +406,99 @@ async def test_sigkill_of_dev_then_restart_adopts_without_orphans_or_duplicates(
         assert dev.stop() == 0
     assert await running(docker_runtime, project) == []
     assert json.dumps(await docker_runtime.list(project.labels), default=str) == "[]"
+
+
+async def test_pause_sleep_mode_freezes_and_wakes_the_same_container(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(tmp_path, cleanup, busybox_image, {"Pauser": {}}, sleep_after="1s")
+    with DevServer(project.root) as dev:
+        async with session.get(dev.url + "/c/PAUSER/p/") as response:
+            assert response.status == 200
+        [info] = await running(docker_runtime, project)
+
+        async def paused() -> bool:
+            return (await engine_inspect(info.id))["State"]["Status"] == "paused"
+
+        await wait_until(paused, within=5, interval=0.05)
+        assert (await rpc(session, dev.url + "/rpc/PAUSER/p/state"))["status"] == "paused"
+        async with session.get(dev.url + "/c/PAUSER/p/") as response:
+            assert response.status == 200
+            assert await response.text() == "hello from the container\n"
+        assert (await engine_inspect(info.id))["State"]["Status"] == "running"
+        assert [i.id for i in await running(docker_runtime, project)] == [info.id]
+        assert (await rpc(session, dev.url + "/rpc/PAUSER/p/state"))["status"] == "healthy"
+        # No run ended: pausing is not a stop.
+        assert await rpc(session, dev.url + "/rpc/PAUSER/p/stops") == []
+        # It pauses again once idle, and a paused container still stops cleanly on exit.
+        await wait_until(paused, within=5, interval=0.05)
+    assert await running(docker_runtime, project) == []
+
+
+def dockyard_cli(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
+    command, *rest = args
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dockyard",
+            "containers",
+            command,
+            "--project",
+            str(project.root),
+            *rest,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+async def test_containers_cli_lists_and_operates_the_dev_app(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(tmp_path, cleanup, busybox_image, {"Web": {}})
+    with DevServer(project.root) as dev:
+        async with session.get(dev.url + "/c/WEB/cli-object/") as response:
+            assert response.status == 200
+        [info] = await running(docker_runtime, project)
+
+        listed = await asyncio.to_thread(dockyard_cli, project, "list")
+        assert listed.returncode == 0, listed.stderr
+        assert info.id[:12] in listed.stdout and "cli-object" in listed.stdout
+
+        shown = await asyncio.to_thread(dockyard_cli, project, "info", "cli-object")
+        assert shown.returncode == 0 and info.id in shown.stdout
+
+        ran = await asyncio.to_thread(
+            dockyard_cli, project, "exec", "cli-object", "--", "cat", "/www/index.html"
+        )
+        assert ran.returncode == 0 and ran.stdout == "hello from the container\n"
+
+        failed = await asyncio.to_thread(
+            dockyard_cli, project, "exec", "cli-object", "--", "sh", "-c", "exit 5"
+        )
+        assert failed.returncode == 5
+
+        async with session.get(dev.url + "/c/WEB/cli-object/no-such-page") as response:
+            assert response.status == 404
+        logs = await asyncio.to_thread(dockyard_cli, project, "logs", info.id[:12], "--tail", "20")
+        assert logs.returncode == 0
+
+        missing = await asyncio.to_thread(dockyard_cli, project, "info", "nobody")
+        assert missing.returncode == 1 and "no container of app" in missing.stderr
+
+        stopped = await asyncio.to_thread(dockyard_cli, project, "stop", "cli-object")
+        assert stopped.returncode == 0
+        # dockyard dev notices and records the end of the run.
+        stops = await wait_until(lambda: rpc(session, dev.url + "/rpc/WEB/cli-object/stops"))
+        assert stops == [[143, "exit"]]

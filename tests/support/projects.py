@@ -90,6 +90,10 @@ class Echo(Web):
     pass
 
 
+class Pauser(Web):
+    sleep_mode = "pause"
+
+
 class Broken(Web):
     pass
 
@@ -119,6 +123,7 @@ CLASSES = {
     "NoPort": "web",
     "Hog": "web",
     "Echo": "echo",
+    "Pauser": "web",
     "Broken": "broken",
 }
 

@@ -38,12 +38,25 @@ def dev(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Config file to use.")
     ] = None,
+    object_idle_timeout: Annotated[
+        float, typer.Option(help="Seconds before an idle Durable Object leaves memory.")
+    ] = 70.0,
 ) -> None:
     """Serve the project's worker locally, reloading it when a .py file changes."""
     from .dev import run_dev
 
     config_path = config.resolve() if config is not None else None
-    raise typer.Exit(_run(lambda: run_dev(directory, port=port, ip=ip, config_path=config_path)))
+    raise typer.Exit(
+        _run(
+            lambda: run_dev(
+                directory,
+                port=port,
+                ip=ip,
+                config_path=config_path,
+                object_idle_timeout=object_idle_timeout,
+            )
+        )
+    )
 
 
 def _run(action: Callable[[], int]) -> int:

@@ -29,9 +29,17 @@ def configure_logging() -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def run_dev(directory: Path, *, port: int | None, ip: str | None, config_path: Path | None) -> int:
+def run_dev(
+    directory: Path,
+    *,
+    port: int | None,
+    ip: str | None,
+    config_path: Path | None,
+    object_idle_timeout: float = 70.0,
+) -> int:
     configure_logging()
-    serve = _serve(directory, port=port, ip=ip, config_path=config_path)
+    app = App(directory, config_path=config_path, object_idle_timeout=object_idle_timeout)
+    serve = _serve(app, port=port, ip=ip)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - platforms without uvloop
@@ -39,15 +47,12 @@ def run_dev(directory: Path, *, port: int | None, ip: str | None, config_path: P
     return uvloop.run(serve)
 
 
-async def _serve(
-    directory: Path, *, port: int | None, ip: str | None, config_path: Path | None
-) -> int:
+async def _serve(app: App, *, port: int | None, ip: str | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
-    app = App(directory, config_path=config_path)
     for warning in app.config.warnings:
         log.warning("%s", warning)
     try:

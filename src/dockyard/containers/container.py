@@ -38,7 +38,7 @@ CF_SWITCH_PORT_HEADER = "cf-container-target-port"
 STATE_KEY = "__dockyard_container_state"
 SIGNALS = {"SIGTERM": 15, "SIGINT": 2, "SIGKILL": 9}
 
-Status = Literal["stopped", "running", "healthy", "stopping", "stopped_with_code"]
+Status = Literal["stopped", "running", "healthy", "stopping", "stopped_with_code", "paused"]
 StopReason = Literal["exit", "stop", "destroy", "oom"]
 
 
@@ -75,6 +75,11 @@ class Container(DurableObject):
     probe_timeout: ClassVar[float] = 5.0
     # stop() and sleep send SIGTERM, then SIGKILL after this many seconds.
     stop_timeout: ClassVar[float] = 10.0
+    # "stop" ends the container when sleep_after expires; "pause" freezes it instead, so
+    # the next request wakes it in milliseconds with its memory intact. A paused
+    # container is stopped after stop_paused_after more without requests.
+    sleep_mode: ClassVar[Literal["stop", "pause"]] = "stop"
+    stop_paused_after: ClassVar[str | int | float] = "1h"
 
     def __init__(self, ctx: Any, env: Any) -> None:
         super().__init__(ctx, env)
@@ -90,6 +95,15 @@ class Container(DurableObject):
             self.sleep_after, where=f"{type(self).__name__}.sleep_after"
         )
         self._deadline = time.monotonic() + self._sleep_after
+        if self.sleep_mode not in ("stop", "pause"):
+            raise ContainerError(
+                f"{type(self).__name__}.sleep_mode must be 'stop' or 'pause', "
+                f"got {self.sleep_mode!r}"
+            )
+        self._stop_paused_after = parse_duration(
+            self.stop_paused_after, where=f"{type(self).__name__}.stop_paused_after"
+        )
+        self._paused_deadline = 0.0
         self._inflight = 0
         self._starting: asyncio.Future[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -115,8 +129,20 @@ class Container(DurableObject):
         raise error
 
     async def on_activity_expired(self) -> None:
-        """Runs when ``sleep_after`` passed with nothing in flight; the default stops."""
-        await self.stop()
+        """Runs when ``sleep_after`` passed with nothing in flight; the default puts the
+        container to sleep as ``sleep_mode`` says (stop, or pause)."""
+        if self.sleep_mode == "pause":
+            await self.pause()
+        else:
+            await self.stop()
+
+    async def pause(self) -> None:
+        """Freeze the running container; the next request (or ``start``) thaws it."""
+        if self._handle.running and not self._handle.paused:
+            await self._handle.pause()
+            self._paused_deadline = time.monotonic() + self._stop_paused_after
+            await self._set_state("paused")
+            await self._arm_alarm()
 
     # Lifecycle
 
@@ -239,6 +265,8 @@ class Container(DurableObject):
     ) -> ExecResult:
         """Run a command in the running container; returns exit code, stdout and stderr."""
         info = self._require_running("exec")
+        if self._handle.paused:
+            await self._start(None, None, None, None)
         return await self._handle.runtime.exec(info, cmd, env=env, workdir=workdir, user=user)
 
     def exec_stream(
@@ -251,6 +279,10 @@ class Container(DurableObject):
     ) -> ExecProcess:
         """``async with container.exec_stream(cmd) as proc: async for stream, chunk in proc``."""
         info = self._require_running("exec_stream")
+        if self._handle.paused:
+            raise ContainerError(
+                f"exec_stream: {self._label()} is paused; call start() to wake it first"
+            )
         return self._handle.runtime.exec_stream(info, cmd, env=env, workdir=workdir, user=user)
 
     # Schedules
@@ -291,7 +323,10 @@ class Container(DurableObject):
                 log.exception("%s: scheduled call %s failed", self._label(), row.callback)
             finally:
                 self._schedules.delete(row.id)
-        if self._handle.running and time.monotonic() >= self._deadline:
+        if self._handle.paused:
+            if time.monotonic() >= self._paused_deadline:
+                await self.stop()
+        elif self._handle.running and time.monotonic() >= self._deadline:
             if self._inflight == 0:
                 await self.on_activity_expired()
             # Busy (or an override chose to keep running): look again after sleep_after.
@@ -302,7 +337,8 @@ class Container(DurableObject):
     async def _arm_alarm(self) -> None:
         due: list[float] = []
         if self._handle.running:
-            due.append(time.time() + max(0.0, self._deadline - time.monotonic()))
+            deadline = self._paused_deadline if self._handle.paused else self._deadline
+            due.append(time.time() + max(0.0, deadline - time.monotonic()))
         next_schedule = self._schedules.next_time()
         if next_schedule is not None:
             due.append(next_schedule)
@@ -346,7 +382,10 @@ class Container(DurableObject):
         if info is not None:
             log.info("%s adopted running container %s", self._label(), info.name)
             self._watch()
-            if self._state.status not in ("running", "healthy"):
+            if self._handle.paused:
+                self._paused_deadline = time.monotonic() + self._stop_paused_after
+                await self._set_state("paused")
+            elif self._state.status not in ("running", "healthy"):
                 await self._set_state("healthy")
             await self._arm_alarm()
         elif self._state.status in ("running", "healthy", "stopping"):
@@ -363,7 +402,8 @@ class Container(DurableObject):
         while self._starting is not None:
             # Everyone asking while a start is under way shares that one start.
             await asyncio.shield(self._starting)
-        if self._handle.running and (ports is None or self._state.status == "healthy"):
+        ready = ports is None or self._state.status == "healthy"
+        if self._handle.running and not self._handle.paused and ready:
             return
         self._starting = asyncio.get_running_loop().create_future()
         try:
@@ -384,6 +424,13 @@ class Container(DurableObject):
         entrypoint: list[str] | None,
         enable_internet: bool | None,
     ) -> None:
+        if self._handle.paused:
+            # A thawed container carries on exactly where it was: no start, no probes.
+            await self._handle.unpause()
+            self.renew_activity_timeout()
+            await self._set_state("healthy")
+            await self._arm_alarm()
+            return
         try:
             if not self._handle.running:
                 await asyncio.wait_for(

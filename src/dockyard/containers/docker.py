@@ -372,6 +372,16 @@ class DockerRuntime:
                     return
                 raise
 
+    async def pause(self, container_id: str) -> None:
+        container = self._client().containers.container(container_id)
+        with self._engine_errors("pause a container", container_id=container_id):
+            await container.pause()
+
+    async def unpause(self, container_id: str) -> None:
+        container = self._client().containers.container(container_id)
+        with self._engine_errors("unpause a container", container_id=container_id):
+            await container.unpause()
+
     async def stop(self, container_id: str, grace_period: float = 10.0) -> None:
         container = self._client().containers.container(container_id)
         with self._engine_errors("stop a container", container_id=container_id):

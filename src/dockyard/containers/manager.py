@@ -253,6 +253,7 @@ class ContainerHandle:
         self.object_id = object_id
         self.object_name = object_name
         self.info: ContainerInfo | None = None
+        self.paused = False
         self.last_output: list[str] = []
 
     def last_output_summary(self) -> str:
@@ -267,6 +268,7 @@ class ContainerHandle:
         if info is not None:
             self.manager.adopted(self.class_name, info)
             self.info = info
+            self.paused = info.status == "paused"
         return info
 
     async def start(
@@ -325,6 +327,7 @@ class ContainerHandle:
         except ContainerError as exc:
             log.warning("Could not remove container %s: %s", info.name, exc)
         self.info = None
+        self.paused = False
         self.manager.exited(self.class_name, info.id)
         return status
 
@@ -339,10 +342,23 @@ class ContainerHandle:
             )
         return host_port
 
+    async def pause(self) -> None:
+        if self.info is not None and not self.paused:
+            await self.runtime.pause(self.info.id)
+            self.paused = True
+
+    async def unpause(self) -> None:
+        if self.info is not None and self.paused:
+            await self.runtime.unpause(self.info.id)
+            self.paused = False
+
     async def signal(self, sig: str | int) -> None:
         if self.info is not None:
+            # A frozen process cannot act on a signal: thaw it first.
+            await self.unpause()
             await self.runtime.signal(self.info.id, sig)
 
     async def destroy(self) -> None:
         if self.info is not None:
+            await self.unpause()
             await self.runtime.kill(self.info.id)
