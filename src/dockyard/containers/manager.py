@@ -84,6 +84,7 @@ class ContainerManager:
         self._exits: dict[str, asyncio.Event] = {}
         self._session: aiohttp.ClientSession | None = None
         self._waker: Waker | None = None
+        self._warned_disk = False
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -221,6 +222,12 @@ class ContainerManager:
             cap.starting -= 1
         cap.running.add(info.id)
         self._exits[info.id] = asyncio.Event()
+        if self.runtime.capabilities.disk_limit is False and not self._warned_disk:
+            self._warned_disk = True
+            log.warning(
+                "Disk sizes of instance types are not enforced: the engine's storage driver "
+                "cannot limit a container's disk (overlay2 needs xfs with pquota)"
+            )
         return info
 
     def adopted(self, class_name: str, info: ContainerInfo) -> None:

@@ -1,0 +1,122 @@
+"""Capacity and start-rate rules of the ContainerManager: pure logic, on a small fake engine.
+
+The same rules are exercised on the real engine in test_containers.py (503 beyond
+max_instances); the fake makes the start rate (429) testable without racing the clock.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dockyard.config import load_config
+from dockyard.containers.manager import ContainerManager
+from dockyard.containers.runtime import ContainerInfo, ContainerSpec, RuntimeCapabilities
+from dockyard.errors import NoCapacity, TooManyStarts
+
+
+class FakeRuntime:
+    """Just enough engine for the manager: every run succeeds at once."""
+
+    capabilities = RuntimeCapabilities(disk_limit=False, internet_isolation=False)
+
+    def __init__(self) -> None:
+        self.started: list[ContainerSpec] = []
+
+    async def image_exists(self, ref: str) -> bool:
+        return True
+
+    async def list(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        return []
+
+    async def run(self, spec: ContainerSpec) -> ContainerInfo:
+        self.started.append(spec)
+        return ContainerInfo(
+            id=f"c{len(self.started)}",
+            name=f"fake-{len(self.started)}",
+            image=spec.image,
+            labels=dict(spec.labels),
+            status="running",
+            running=True,
+            exit_code=None,
+            oom_killed=False,
+            host_ports={port: 40000 + port for port in spec.ports},
+            started_at=None,
+            finished_at=None,
+        )
+
+
+def make_manager(tmp_path: Path, *, max_instances: int, starts_per_second: int) -> ContainerManager:
+    (tmp_path / "worker.py").write_text("class Box:\n    pass\n")
+    (tmp_path / "wrangler.json").write_text(
+        json.dumps(
+            {
+                "name": "limits",
+                "main": "worker.py",
+                "containers": [
+                    {"class_name": "Box", "image": "local/box:1", "max_instances": max_instances}
+                ],
+                "durable_objects": {"bindings": [{"name": "BOX", "class_name": "Box"}]},
+                "migrations": [{"tag": "v1", "new_sqlite_classes": ["Box"]}],
+            }
+        )
+    )
+    runtime = FakeRuntime()
+    return ContainerManager(
+        runtime,  # type: ignore[arg-type]
+        load_config(tmp_path),
+        starts_per_second=starts_per_second,
+    )
+
+
+async def test_max_instances_gives_no_capacity_until_one_exits(tmp_path: Path) -> None:
+    manager = make_manager(tmp_path, max_instances=2, starts_per_second=100)
+    await manager.start()
+    handles = [manager.handle("Box", f"object-{i}", None) for i in range(3)]
+    for handle in handles[:2]:
+        await handle.start(env={}, entrypoint=None, enable_internet=True, ports=[8080])
+    with pytest.raises(NoCapacity, match=r"max_instances \(2\) reached .*'Box'") as caught:
+        await handles[2].start(env={}, entrypoint=None, enable_internet=True, ports=[8080])
+    assert caught.value.status == 503
+    manager.exited("Box", handles[0].info.id)  # type: ignore[union-attr]
+    await handles[2].start(env={}, entrypoint=None, enable_internet=True, ports=[8080])
+    assert manager.running_count("Box") == 2
+
+
+async def test_start_rate_limit_gives_too_many_starts(tmp_path: Path) -> None:
+    manager = make_manager(tmp_path, max_instances=10, starts_per_second=3)
+    await manager.start()
+    for i in range(3):
+        handle = manager.handle("Box", f"object-{i}", None)
+        await handle.start(env={}, entrypoint=None, enable_internet=True, ports=[8080])
+    with pytest.raises(TooManyStarts, match="more than 3 starts per second") as caught:
+        await manager.handle("Box", "object-3", None).start(
+            env={}, entrypoint=None, enable_internet=True, ports=[8080]
+        )
+    assert caught.value.status == 429
+
+
+async def test_container_spec_carries_labels_env_and_limits(tmp_path: Path) -> None:
+    manager = make_manager(tmp_path, max_instances=1, starts_per_second=10)
+    await manager.start()
+    handle = manager.handle("Box", "abc123", "alice")
+    await handle.start(env={"A": "1"}, entrypoint=["srv"], enable_internet=False, ports=[8080])
+    [spec] = manager.runtime.started  # type: ignore[attr-defined]
+    assert spec.labels == {
+        "dockyard.app": "limits",
+        "dockyard.class": "Box",
+        "dockyard.object_id": "abc123",
+        "dockyard.object_name": "alice",
+        "dockyard.version": "1",
+    }
+    assert spec.env == {
+        "A": "1",
+        "DOCKYARD_DURABLE_OBJECT_ID": "abc123",
+        "DOCKYARD_APPLICATION": "limits",
+        "DOCKYARD_LOCATION": "local",
+    }
+    assert (spec.vcpu, spec.memory_mib, spec.disk_mb) == (0.0625, 256, 2000)
+    assert spec.entrypoint == ["srv"] and spec.enable_internet is False
+    assert handle.host_port(8080) == 48080
