@@ -41,6 +41,9 @@ def dev(
     object_idle_timeout: Annotated[
         float, typer.Option(help="Seconds before an idle Durable Object leaves memory.")
     ] = 70.0,
+    access_log: Annotated[
+        bool, typer.Option(help="Print a line per request (method, path, status, time).")
+    ] = True,
 ) -> None:
     """Serve the project's worker locally, reloading it when a .py file changes."""
     from .dev import run_dev
@@ -54,6 +57,7 @@ def dev(
                 ip=ip,
                 config_path=config_path,
                 object_idle_timeout=object_idle_timeout,
+                access_log=access_log,
             )
         )
     )

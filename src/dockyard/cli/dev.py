@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -20,13 +21,21 @@ log = logging.getLogger("dockyard.dev")
 RELOAD_DEBOUNCE_MS = 150
 
 
-def configure_logging() -> None:
+def configure_logging(*, access_log: bool = True) -> None:
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # One line per request, so it must be cheap: rich's layout costs more than the whole
+    # request path, so request lines bypass it.
+    access = logging.getLogger("dockyard.access")
+    access.propagate = False
+    access.setLevel(logging.INFO if access_log else logging.WARNING)
+    plain = logging.StreamHandler(sys.stderr)
+    plain.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    access.handlers[:] = [plain]
 
 
 def run_dev(
@@ -36,8 +45,9 @@ def run_dev(
     ip: str | None,
     config_path: Path | None,
     object_idle_timeout: float = 70.0,
+    access_log: bool = True,
 ) -> int:
-    configure_logging()
+    configure_logging(access_log=access_log)
     app = App(directory, config_path=config_path, object_idle_timeout=object_idle_timeout)
     serve = _serve(app, port=port, ip=ip)
     try:
@@ -90,7 +100,7 @@ async def _watch(app: App, stop: asyncio.Event) -> None:
         watch_filter=python_source,
         stop_event=stop,
         debounce=RELOAD_DEBOUNCE_MS,
-        step=20,
+        step=50,
     ):
         names = ", ".join(sorted({Path(path).name for _, path in changes}))
         if app.reload():

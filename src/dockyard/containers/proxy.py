@@ -33,6 +33,8 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# Responses up to this size (with a Content-Length) are buffered rather than streamed.
+SMALL_BODY = 64 * 1024
 WEBSOCKET_HANDSHAKE = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"}
 )
@@ -109,6 +111,17 @@ async def forward_http(
         upstream.release()
         on_finished()
         return Response(None, status=upstream.status, headers=headers)
+    length = upstream.content_length
+    if length is not None and length <= SMALL_BODY:
+        # Small bodies are read at once: one write downstream instead of a stream.
+        try:
+            body = await upstream.read()
+        except aiohttp.ClientPayloadError as exc:
+            raise on_lost(exc) from exc
+        finally:
+            upstream.release()
+            on_finished()
+        return Response(body, status=upstream.status, headers=headers)
     return Response(_relay(upstream, on_finished, on_lost), status=upstream.status, headers=headers)
 
 

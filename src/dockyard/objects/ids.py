@@ -52,9 +52,14 @@ class DurableObjectId:
 class IdFactory:
     """Makes and checks the ids of one namespace (one app, one class)."""
 
+    # Named ids are asked for on every request (get_container(env.X, name)); two HMACs
+    # per call showed up in profiles, so recent names are remembered.
+    NAME_CACHE_SIZE = 4096
+
     def __init__(self, app: str, class_name: str) -> None:
         self.class_name = class_name
         self._key = f"{app}\x00{class_name}".encode()
+        self._named: dict[str, DurableObjectId] = {}
 
     def _mac(self, message: bytes) -> bytes:
         return hmac.new(self._key, message, hashlib.sha256).digest()[:16]
@@ -66,7 +71,12 @@ class IdFactory:
     def from_name(self, name: str) -> DurableObjectId:
         if not isinstance(name, str):
             raise InvalidObjectId(f"an object name must be a str, got {type(name).__name__}")
-        return self._make(self._mac(b"name:" + name.encode()), name)
+        cached = self._named.get(name)
+        if cached is None:
+            if len(self._named) >= self.NAME_CACHE_SIZE:
+                self._named.clear()
+            cached = self._named[name] = self._make(self._mac(b"name:" + name.encode()), name)
+        return cached
 
     def unique(self) -> DurableObjectId:
         return self._make(secrets.token_bytes(16), None)
