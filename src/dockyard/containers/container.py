@@ -248,7 +248,12 @@ class Container(DurableObject):
             )
         try:
             return await forward_http(
-                session, host_port, request, on_finished=self._request_done, on_lost=self._lost
+                session,
+                self._handle.manager.upstream,
+                host_port,
+                request,
+                on_finished=self._request_done,
+                on_lost=self._lost,
             )
         except ContainerGone as exc:
             return Response(f"{exc}\n", status=exc.status)

@@ -21,6 +21,7 @@ from ..errors import ContainerError, ImageError, NoCapacity, TooManyStarts
 from .images import ensure_image
 from .proxy import open_session
 from .runtime import ContainerInfo, ContainerRuntime, ContainerSpec, ExitStatus
+from .upstream import UpstreamPool
 
 __all__ = ["ContainerHandle", "ContainerManager"]
 
@@ -83,8 +84,14 @@ class ContainerManager:
         self._adoptable: dict[str, ContainerInfo] = {}
         self._exits: dict[str, asyncio.Event] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._upstream = UpstreamPool()
         self._waker: Waker | None = None
         self._warned_disk = False
+
+    @property
+    def upstream(self) -> UpstreamPool:
+        """The pooled connections that carry proxied requests to containers."""
+        return self._upstream
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -168,6 +175,7 @@ class ContainerManager:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        self._upstream.close()
 
     async def _stop_one(self, container_id: str) -> None:
         await self.runtime.stop(container_id, self.stop_grace)

@@ -16,6 +16,7 @@ from yarl import URL
 
 from ..errors import ContainerGone
 from ..http import Request, Response, WebSocketPair
+from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 __all__ = ["CONTAINER_BASE_URL", "forward_http", "forward_websocket", "open_session"]
 
@@ -84,6 +85,7 @@ def _forward_headers(request: Request, *, websocket: bool = False) -> CIMultiDic
 
 async def forward_http(
     session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     host_port: int,
     request: Request,
     *,
@@ -95,48 +97,79 @@ async def forward_http(
     ``on_lost`` turns a connection failure into the error to raise (it knows whether
     the container is still there).
     """
+    if request.method == "HEAD":
+        # The lean client cannot tell its parser that a HEAD answer has no body.
+        return await _forward_head(session, host_port, request, on_finished, on_lost)
+    url = URL(request.url)
+    target = url.raw_path_qs if url.is_absolute() else URL(CONTAINER_BASE_URL).join(url).raw_path_qs
+    body: bytes | AsyncIterator[bytes] | None = None
+    if request.has_body:
+        body = await request.bytes() if request.body_length is not None else request.stream()
     try:
-        upstream = await session.request(
-            request.method,
-            target_url(request.url, host_port),
-            headers=_forward_headers(request),
-            data=request.stream() if request.has_body else None,
-            allow_redirects=False,
+        upstream = await pool.request(
+            host_port, request.method, target or "/", _header_list(request), body
         )
-    except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+    except UpstreamError as exc:
         on_finished()
         raise on_lost(exc) from exc
-    headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
-    if request.method == "HEAD" or upstream.status in (204, 304) or upstream.content_length == 0:
+    headers = [(k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP]
+    length = upstream.content_length
+    if upstream.status in (204, 304) or length == 0:
         upstream.release()
         on_finished()
         return Response(None, status=upstream.status, headers=headers)
-    length = upstream.content_length
     if length is not None and length <= SMALL_BODY:
         # Small bodies are read at once: one write downstream instead of a stream.
         try:
-            body = await upstream.read()
-        except aiohttp.ClientPayloadError as exc:
+            data = await upstream.read()
+        except UpstreamError as exc:
             raise on_lost(exc) from exc
         finally:
-            upstream.release()
             on_finished()
-        return Response(body, status=upstream.status, headers=headers)
+        return Response(data, status=upstream.status, headers=headers)
     return Response(_relay(upstream, on_finished, on_lost), status=upstream.status, headers=headers)
 
 
+def _header_list(request: Request) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+    if "host" not in request.headers:
+        headers.append(("Host", host_header(request.url)))
+    return headers
+
+
 async def _relay(
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     on_finished: Callable[[], None],
     on_lost: Callable[[BaseException], ContainerGone],
 ) -> AsyncIterator[bytes]:
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.iter_chunks():
             yield chunk
-    except aiohttp.ClientPayloadError as exc:
+    except UpstreamError as exc:
         raise on_lost(exc) from exc
     finally:
         upstream.release()
+        on_finished()
+
+
+async def _forward_head(
+    session: aiohttp.ClientSession,
+    host_port: int,
+    request: Request,
+    on_finished: Callable[[], None],
+    on_lost: Callable[[BaseException], ContainerGone],
+) -> Response:
+    try:
+        async with session.head(
+            target_url(request.url, host_port),
+            headers=_forward_headers(request),
+            allow_redirects=False,
+        ) as upstream:
+            headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
+            return Response(None, status=upstream.status, headers=headers)
+    except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+        raise on_lost(exc) from exc
+    finally:
         on_finished()
 
 

@@ -1,0 +1,181 @@
+"""The lean last-hop HTTP client, against real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from dockyard.containers.upstream import UpstreamError, UpstreamPool
+
+
+async def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.AppRunner:
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
+def port_of(runner: web.AppRunner) -> int:
+    return runner.addresses[0][1]
+
+
+async def echo(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    return web.Response(
+        body=body,
+        headers={
+            "X-Method": request.method,
+            "X-Path": request.path_qs,
+            "X-Chunked": str(request.headers.get("Transfer-Encoding") == "chunked"),
+            "X-Host": request.headers.get("Host", ""),
+        },
+    )
+
+
+async def test_keep_alive_reuses_one_connection_and_bodies_round_trip() -> None:
+    runner = await serve(echo)
+    pool = UpstreamPool()
+    try:
+        for i in range(20):
+            response = await pool.request(
+                port_of(runner), "POST", f"/p?i={i}", [("Host", "container")], f"n{i}".encode()
+            )
+            assert response.status == 200
+            assert dict(response.headers)["X-Path"] == f"/p?i={i}"
+            assert dict(response.headers)["X-Host"] == "container"
+            assert await response.read() == f"n{i}".encode()
+        assert pool.open_connections == 1
+    finally:
+        pool.close()
+        await runner.cleanup()
+
+
+async def test_streamed_request_bodies_are_chunked_unless_their_length_is_known() -> None:
+    runner = await serve(echo)
+    pool = UpstreamPool()
+
+    async def parts() -> AsyncIterator[bytes]:
+        for piece in (b"abc", b"def", b"g"):
+            yield piece
+
+    try:
+        response = await pool.request(port_of(runner), "PUT", "/", [], parts())
+        assert dict(response.headers)["X-Chunked"] == "True"
+        assert await response.read() == b"abcdefg"
+        response = await pool.request(
+            port_of(runner), "PUT", "/", [("Content-Length", "7")], parts()
+        )
+        assert dict(response.headers)["X-Chunked"] == "False"
+        assert await response.read() == b"abcdefg"
+    finally:
+        pool.close()
+        await runner.cleanup()
+
+
+async def test_large_streamed_response_with_flow_control() -> None:
+    size = 20 * 1024 * 1024
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()  # chunked: no length known
+        await response.prepare(request)
+        chunk = os.urandom(1 << 16)
+        for _ in range(size // len(chunk)):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    runner = await serve(big)
+    pool = UpstreamPool()
+    try:
+        response = await pool.request(port_of(runner), "GET", "/", [])
+        assert response.content_length is None
+        received = 0
+        async for chunk in response.iter_chunks():
+            received += len(chunk)
+            if received < 4 << 20:
+                await asyncio.sleep(0)  # a slow reader: the buffer must stay bounded
+            assert response._buffered <= 2 << 20
+        assert received == size
+        assert pool.open_connections == 1  # kept for the next request
+    finally:
+        pool.close()
+        await runner.cleanup()
+
+
+async def test_a_closed_idle_connection_is_replaced_transparently() -> None:
+    served = 0
+
+    async def once_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await reader.readuntil(b"\r\n\r\n")
+        served += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        # Keep-alive promised, but the server drops the connection once idle.
+        writer.close()
+
+    server = await asyncio.start_server(once_then_close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = UpstreamPool()
+    try:
+        for _ in range(3):
+            response = await pool.request(port, "GET", "/", [])
+            assert await response.read() == b"ok"
+        assert served == 3
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_body_until_close_and_informational_responses() -> None:
+    async def legacy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(legacy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = UpstreamPool()
+    try:
+        response = await pool.request(port, "GET", "/", [])
+        assert response.status == 200
+        assert await response.read() == b"until the end"
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_failures_are_upstream_errors() -> None:
+    pool = UpstreamPool()
+    sock_server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = sock_server.sockets[0].getsockname()[1]
+    sock_server.close()
+    await sock_server.wait_closed()
+    with pytest.raises(UpstreamError, match=f"cannot connect to 127.0.0.1:{port}"):
+        await pool.request(port, "GET", "/", [])
+
+    async def truncated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(truncated, "127.0.0.1", 0)
+    response = await pool.request(server.sockets[0].getsockname()[1], "GET", "/", [])
+    with pytest.raises(UpstreamError, match="closed the connection"):
+        await response.read()
+    with pytest.raises(ValueError, match="line break"):
+        await pool.request(port, "GET", "/", [("X-Evil", "a\r\nInjected: 1")])
+    pool.close()
+    server.close()
+    await server.wait_closed()
