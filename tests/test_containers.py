@@ -502,3 +502,26 @@ async def test_containers_cli_lists_and_operates_the_dev_app(
         # dockyard dev notices and records the end of the run.
         stops = await wait_until(lambda: rpc(session, dev.url + "/rpc/WEB/cli-object/stops"))
         assert stops == [[143, "exit"]]
+
+
+async def test_reloading_the_worker_keeps_the_running_container(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(tmp_path, cleanup, busybox_image, {"Web": {}})
+    with DevServer(project.root) as dev:
+        async with session.get(dev.url + "/c/WEB/kept/") as response:
+            assert response.status == 200
+        [before] = await running(docker_runtime, project)
+        worker = project.root / "worker.py"
+        worker.write_text(worker.read_text() + "\n# an edit\n")
+        dev.wait_for("Reloaded the worker")
+        for _ in range(3):
+            async with session.get(dev.url + "/c/WEB/kept/") as response:
+                assert response.status == 200
+        assert [i.id for i in await running(docker_runtime, project)] == [before.id]
+        assert (await rpc(session, dev.url + "/rpc/WEB/kept/state"))["status"] == "healthy"
+    assert await running(docker_runtime, project) == []

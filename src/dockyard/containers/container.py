@@ -358,9 +358,13 @@ class Container(DurableObject):
         return self._handle.running or self._inflight > 0 or self._starting is not None
 
     async def _dockyard_close(self) -> None:
-        for task in [*self._tasks, *([self._monitor] if self._monitor else [])]:
+        monitor = [self._monitor] if self._monitor else []
+        for task in [*self._tasks, *monitor]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *monitor, return_exceptions=True)
+        # This instance is going (a reload of the worker, a reset): its container is not.
+        # The next instance of the object takes it over instead of starting another.
+        self._handle.detach()
 
     def _label(self) -> str:
         name = getattr(self.ctx.id, "name", None)

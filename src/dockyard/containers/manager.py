@@ -9,6 +9,7 @@ place that knows every container the app runs, so nothing is left behind on exit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -193,6 +194,10 @@ class ContainerManager:
     def claim_adopted(self, object_id: str) -> ContainerInfo | None:
         return self._adoptable.pop(object_id, None)
 
+    def offer_for_adoption(self, object_id: str, info: ContainerInfo) -> None:
+        """A container whose object instance went away, for the next instance to take."""
+        self._adoptable[object_id] = info
+
     def image_for(self, class_name: str) -> ClassImage:
         entry = self.classes.get(class_name)
         if entry is None:
@@ -356,6 +361,17 @@ class ContainerHandle:
                 "list it in default_port or required_ports of the Container class"
             )
         return host_port
+
+    def detach(self) -> None:
+        """Let go of a running container so another instance of the object adopts it."""
+        if self.info is not None:
+            paused = self.paused
+            self.manager.offer_for_adoption(
+                self.object_id,
+                dataclasses.replace(self.info, status="paused" if paused else "running"),
+            )
+            self.info = None
+            self.paused = False
 
     async def pause(self) -> None:
         if self.info is not None and not self.paused:
