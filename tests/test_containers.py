@@ -525,3 +525,30 @@ async def test_reloading_the_worker_keeps_the_running_container(
         assert [i.id for i in await running(docker_runtime, project)] == [before.id]
         assert (await rpc(session, dev.url + "/rpc/WEB/kept/state"))["status"] == "healthy"
     assert await running(docker_runtime, project) == []
+
+
+async def test_destroy_during_a_cold_start_leaves_nothing_running(
+    tmp_path: Path,
+    cleanup: list[Project],
+    busybox_image: str,
+    docker_runtime: DockerRuntime,
+    session: aiohttp.ClientSession,
+) -> None:
+    project = project_for(tmp_path, cleanup, busybox_image, {"Web": {}})
+    with DevServer(project.root) as dev:
+        for attempt in range(3):
+            name = f"racing-{attempt}"
+
+            async def first_request(name: str = name) -> int:
+                async with session.get(f"{dev.url}/c/WEB/{name}/") as response:
+                    return response.status
+
+            request = asyncio.create_task(first_request())
+            await asyncio.sleep(0.01)  # the start is under way, the engine not done yet
+            await rpc(session, f"{dev.url}/rpc/WEB/{name}/destroy")
+            assert await request in (200, 500, 502)
+            assert await running(docker_runtime, project, **{"dockyard.object_name": name}) == []
+            assert (await rpc(session, f"{dev.url}/rpc/WEB/{name}/state"))["status"] in (
+                "stopped",
+                "stopped_with_code",
+            )

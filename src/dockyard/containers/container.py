@@ -106,6 +106,7 @@ class Container(DurableObject):
         self._paused_deadline = 0.0
         self._inflight = 0
         self._starting: asyncio.Future[None] | None = None
+        self._starter: asyncio.Task[Any] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stop_reason: StopReason | None = None
         self._stopped = asyncio.Event()
@@ -164,6 +165,7 @@ class Container(DurableObject):
 
     async def stop(self, signal: str | int = "SIGTERM") -> None:
         """Signal the container and wait for it to end (SIGKILL after ``stop_timeout``)."""
+        await self._let_start_finish()
         if not self._handle.running:
             return
         self._stop_reason = self._stop_reason or "stop"
@@ -178,6 +180,7 @@ class Container(DurableObject):
 
     async def destroy(self) -> None:
         """Kill the container now."""
+        await self._let_start_finish()
         if not self._handle.running:
             return
         self._stop_reason = "destroy"
@@ -186,6 +189,16 @@ class Container(DurableObject):
 
     async def get_state(self) -> State:
         return self._state
+
+    async def _let_start_finish(self) -> None:
+        """A stop asked for while a start is under way applies to what that start made.
+
+        Returning early instead would let the container come up right after the stop.
+        Hooks that run inside the start itself (on_start, on_error) do not wait.
+        """
+        while self._starting is not None and self._starter is not asyncio.current_task():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._starting)
 
     def renew_activity_timeout(self) -> None:
         self._deadline = time.monotonic() + self._sleep_after
@@ -415,6 +428,7 @@ class Container(DurableObject):
         if self._handle.running and not self._handle.paused and ready:
             return
         self._starting = asyncio.get_running_loop().create_future()
+        self._starter = asyncio.current_task()
         try:
             await self._start_once(ports, env_vars, entrypoint, enable_internet)
         except BaseException as exc:
@@ -425,6 +439,7 @@ class Container(DurableObject):
             self._starting.set_result(None)
         finally:
             self._starting = None
+            self._starter = None
 
     async def _start_once(
         self,
