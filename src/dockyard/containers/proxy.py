@@ -14,6 +14,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from .._tasks import until_first_done
 from ..errors import ContainerGone
 from ..http import Request, Response, WebSocketPair
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
@@ -227,16 +228,9 @@ async def forward_websocket(
         await upstream.close(code=server.close_code or 1000)
 
     async def bridge() -> None:
-        pumps = [
-            asyncio.create_task(container_to_client()),
-            asyncio.create_task(client_to_container()),
-        ]
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            await until_first_done(container_to_client(), client_to_container())
         finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
             if not upstream.closed:
                 await upstream.close()
             await server.close(1000, "")

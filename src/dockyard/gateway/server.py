@@ -5,13 +5,13 @@ Bodies are streamed both ways; nothing here holds a whole request or response bo
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
+from .._tasks import until_first_done
 from ..errors import DockyardError
 from ..http import STREAM_CHUNK, Request, Response, WebSocket
 
@@ -110,13 +110,9 @@ class Gateway:
                     await ws.send_bytes(message.data)
 
         # Whichever side ends first ends the bridge; the other side is told and closed.
-        pumps = [asyncio.create_task(client_to_worker()), asyncio.create_task(worker_to_client())]
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            await until_first_done(client_to_worker(), worker_to_client())
         finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
             await end.close(1001, "client went away")
             if not ws.closed:
                 await ws.close()
