@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json as _json
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,12 +82,18 @@ class _Body:
             return len(self._body)
         return None
 
-    def stream(self) -> AsyncIterator[bytes]:
+    def stream(self) -> AsyncGenerator[bytes, None]:
         """The body as an async iterator of chunks, consumed once."""
         if self._body_used:
             raise BodyUsed("body already read")
         self._body_used = True
         return _iterate(self._body)
+
+    async def discard(self) -> None:
+        """Give up a body that will not be read, so its source can release what it holds."""
+        if not self._body_used:
+            self._body_used = True
+            await _close_source(self._body)
 
     async def bytes(self) -> bytes:
         if isinstance(self._body, bytes) and not self._body_used:
@@ -102,16 +108,26 @@ class _Body:
         return _json.loads(await self.bytes())
 
 
-async def _iterate(body: bytes | AsyncIterable[bytes] | None) -> AsyncIterator[bytes]:
+async def _iterate(body: bytes | AsyncIterable[bytes] | None) -> AsyncGenerator[bytes, None]:
     if body is None:
         return
     if isinstance(body, bytes):
         if body:
             yield body
         return
-    async for chunk in body:
-        if chunk:
-            yield bytes(chunk)
+    try:
+        async for chunk in body:
+            if chunk:
+                yield bytes(chunk)
+    finally:
+        # Stopped early (the client went away): let the source clean up now, not at GC.
+        await _close_source(body)
+
+
+async def _close_source(body: object) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 class Request(_Body):

@@ -242,9 +242,11 @@ class Container(DurableObject):
             return Response("No port to send the request to\n", status=500)
         self._inflight += 1
         self.renew_activity_timeout()
+        handle = self._handle
         try:
-            await self._start([port], None, None, None)
-            host_port = self._handle.host_port(port)
+            if not (handle.running and not handle.paused and self._state.status == "healthy"):
+                await self._start([port], None, None, None)
+            host_port = handle.host_port(port)
         except DockyardError as exc:
             self._request_done()
             return _start_failure(exc)

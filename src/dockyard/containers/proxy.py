@@ -128,7 +128,7 @@ async def forward_http(
         finally:
             on_finished()
         return Response(data, status=upstream.status, headers=headers)
-    return Response(_relay(upstream, on_finished, on_lost), status=upstream.status, headers=headers)
+    return Response(_Relay(upstream, on_finished, on_lost), status=upstream.status, headers=headers)
 
 
 def _header_list(request: Request) -> list[tuple[str, str]]:
@@ -138,19 +138,48 @@ def _header_list(request: Request) -> list[tuple[str, str]]:
     return headers
 
 
-async def _relay(
-    upstream: UpstreamResponse,
-    on_finished: Callable[[], None],
-    on_lost: Callable[[BaseException], ContainerGone],
-) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in upstream.iter_chunks():
-            yield chunk
-    except UpstreamError as exc:
-        raise on_lost(exc) from exc
-    finally:
-        upstream.release()
-        on_finished()
+class _Relay:
+    """A container's response body on its way to the client.
+
+    A class rather than a generator so that closing it before the first chunk still
+    releases the upstream connection and ends the request's activity.
+    """
+
+    __slots__ = ("_done", "_on_finished", "_on_lost", "_upstream")
+
+    def __init__(
+        self,
+        upstream: UpstreamResponse,
+        on_finished: Callable[[], None],
+        on_lost: Callable[[BaseException], ContainerGone],
+    ) -> None:
+        self._upstream = upstream
+        self._on_finished = on_finished
+        self._on_lost = on_lost
+        self._done = False
+
+    def __aiter__(self) -> _Relay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._upstream.next_chunk()
+        except UpstreamError as exc:
+            self._finish()
+            raise self._on_lost(exc) from exc
+        if chunk is None:
+            self._finish()
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._upstream.release()
+            self._on_finished()
 
 
 async def _forward_head(

@@ -196,7 +196,8 @@ class UpstreamResponse:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def _next_chunk(self) -> bytes | None:
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of the body, or None at its end."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -217,7 +218,7 @@ class UpstreamResponse:
         """The whole body; the connection goes back to the pool."""
         try:
             parts = []
-            while (chunk := await self._next_chunk()) is not None:
+            while (chunk := await self.next_chunk()) is not None:
                 parts.append(chunk)
             return b"".join(parts)
         finally:
@@ -225,7 +226,7 @@ class UpstreamResponse:
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:
-            while (chunk := await self._next_chunk()) is not None:
+            while (chunk := await self.next_chunk()) is not None:
                 yield chunk
         finally:
             self.release()
@@ -262,7 +263,7 @@ class UpstreamPool:
         """
         head, body_framing = _serialize_head(method, target, headers, body)
         connection = self._idle_connection(port)
-        replayable = not isinstance(body, AsyncIterable)
+        replayable = body is None or isinstance(body, bytes)  # (no slow ABC check)
         for attempt in (1, 2):
             if connection is None:
                 connection = await self._connect(port)

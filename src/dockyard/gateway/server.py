@@ -1,10 +1,15 @@
-"""The gateway: an aiohttp server that turns HTTP and WebSocket traffic into fetch calls.
+"""The gateway: the server that turns HTTP and WebSocket traffic into fetch calls.
 
-Bodies are streamed both ways; nothing here holds a whole request or response body.
+Plain HTTP/1.1 is served by ``HttpProtocol`` (protocol.py); a WebSocket upgrade is
+handed with its connection to aiohttp's server, which speaks the WebSocket protocol and
+calls ``_handle_upgrade`` here. Bodies are streamed both ways; nothing here holds a
+whole request or response body.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +19,7 @@ from aiohttp import WSMsgType, web
 from .._tasks import until_first_done
 from ..errors import DockyardError
 from ..http import STREAM_CHUNK, Request, Response, WebSocket
+from .protocol import HttpProtocol
 
 __all__ = ["Dispatch", "Gateway"]
 
@@ -26,6 +32,8 @@ Dispatch = Callable[[Request], Awaitable[Response]]
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection", "te"}
 )
+# How long stop() lets requests in flight finish before closing their connections.
+STOP_GRACE = 5.0
 
 
 class Gateway:
@@ -35,7 +43,9 @@ class Gateway:
         self.dispatch = dispatch
         self.host = host
         self.port = port
-        self._runner: web.ServerRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[HttpProtocol] = set()
+        self._upgrades = web.Server(self._handle_upgrade, access_log=None)
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -45,48 +55,69 @@ class Gateway:
         await self.stop()
 
     async def start(self) -> int:
-        server = web.Server(self._handle, access_log=None)
-        self._runner = web.ServerRunner(server, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpProtocol(self.respond, self._upgrade, self._connections),
+            self.host,
+            self.port,
+            reuse_address=True,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is None:
+            return
+        self._server.close()
+        busy = [c.in_flight for c in self._connections if c.in_flight is not None]
+        if busy:
+            await asyncio.wait(busy, timeout=STOP_GRACE)  # let requests in flight finish
+        for connection in list(self._connections):
+            connection.close()
+        await self._upgrades.shutdown(1.0)
+        with contextlib.suppress(Exception):
+            await self._server.wait_closed()
+        self._server = None
 
-    async def _handle(self, raw: web.BaseRequest) -> web.StreamResponse:
+    async def respond(self, request: Request) -> Response:
+        """Run the worker for one request; errors become responses here, never escape."""
         started = time.perf_counter()
+        try:
+            response = await self.dispatch(request)
+        except DockyardError as exc:
+            log.warning("%s %s -> %s: %s", request.method, request.url, exc.status, exc)
+            response = Response(f"{exc}\n", status=exc.status)
+        except Exception:
+            # The traceback is for the console; clients get no internals.
+            log.exception("Uncaught exception in worker for %s %s", request.method, request.url)
+            response = Response("Internal Server Error\n", status=500)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s %s (%.1f ms)",
+                request.method,
+                request.path,
+                response.status,
+                (time.perf_counter() - started) * 1000,
+            )
+        return response
+
+    def _upgrade(self, transport: asyncio.Transport, raw: bytes) -> None:
+        handler = self._upgrades()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(raw)
+
+    async def _handle_upgrade(self, raw: web.BaseRequest) -> web.StreamResponse:
         request = Request(
             str(raw.url),
             method=raw.method,
             headers=raw.headers,
             body=_request_body(raw) if raw.body_exists else None,
         )
-        try:
-            response = await self.dispatch(request)
-        except DockyardError as exc:
-            log.warning("%s %s -> %s: %s", raw.method, raw.path, exc.status, exc)
-            response = Response(f"{exc}\n", status=exc.status)
-        except Exception:
-            # The traceback is for the console; clients get no internals.
-            log.exception("Uncaught exception in worker for %s %s", raw.method, raw.path_qs)
-            response = Response("Internal Server Error\n", status=500)
+        response = await self.respond(request)
         if response.web_socket is not None:
-            result = await self._bridge_websocket(raw, response.web_socket)
-        else:
-            result = await _send(raw, response)
-        access_log.info(
-            "%s %s %s (%.1f ms)",
-            raw.method,
-            raw.path_qs,
-            result.status,
-            (time.perf_counter() - started) * 1000,
-        )
-        return result
+            return await self._bridge_websocket(raw, response.web_socket)
+        return await _send(raw, response)
 
     async def _bridge_websocket(self, raw: web.BaseRequest, end: WebSocket) -> web.StreamResponse:
         ws = web.WebSocketResponse(autoping=True, max_msg_size=0)

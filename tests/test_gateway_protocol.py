@@ -1,0 +1,151 @@
+"""The gateway's HTTP/1.1 handling, byte for byte, on a real socket on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from dockyard.gateway.server import Gateway
+from dockyard.http import Request, Response, WebSocketPair
+
+# Set by the /stream body when its source is closed; made per test (events bind a loop).
+stream_closed: dict[str, asyncio.Event] = {}
+
+
+class Endless:
+    """A body source with no finalizer of its own (like the proxy's relay): only an
+    explicit ``aclose()`` tells it the client is gone."""
+
+    def __aiter__(self) -> Endless:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return b"x" * 65536
+
+    async def aclose(self) -> None:
+        stream_closed["endless"].set()
+
+
+async def dispatch(request: Request) -> Response:
+    if request.path == "/echo":
+        return Response(await request.bytes(), headers={"X-Method": request.method})
+    if request.path == "/ignore-body":
+        return Response("did not read it")
+    if request.path == "/stream":
+        return Response(Endless())
+    if request.path == "/ws":
+        client, server = WebSocketPair()
+        server.accept()
+
+        async def echo() -> None:
+            async for message in server:
+                await server.send(message)
+            await server.close()
+
+        asyncio.get_running_loop().create_task(echo())
+        return Response(None, status=101, web_socket=client)
+    return Response(
+        f"{request.method} {request.url}", headers={"X-Host": request.headers.get("host", "")}
+    )
+
+
+async def exchange(port: int, raw: bytes, *, read_until_close: bool = True) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10) if read_until_close else b""
+    writer.close()
+    return data
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    gateway = Gateway(dispatch, port=0)
+    bound = await gateway.start()
+    yield bound
+    await gateway.stop()
+
+
+async def test_pipelined_requests_are_answered_in_order(port: int) -> None:
+    raw = (
+        b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /three HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    data = await exchange(port, raw)
+    assert data.count(b"HTTP/1.1 200 OK") == 3
+    first, second, third = (
+        data.index(b"GET http://a/one"),
+        data.index(b"hello"),
+        data.index(b"GET http://a/three"),
+    )
+    assert first < second < third
+    assert b"Connection: close" in data
+
+
+async def test_http_1_0_closes_and_chunked_upload_is_read(port: int) -> None:
+    data = await exchange(port, b"GET /x HTTP/1.0\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in data
+    chunked = (
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    data = await exchange(port, chunked)
+    assert data.endswith(b"abcde") and b"Content-Length: 5" in data
+
+
+async def test_expect_continue_gets_an_interim_answer(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(b"abc")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert await reader.readexactly(3) == b"abc"
+    writer.close()
+
+
+async def test_malformed_requests_get_400_and_hosts_cannot_rewrite_paths(port: int) -> None:
+    data = await exchange(port, b"THIS IS NOT HTTP\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400 Bad Request")
+    data = await exchange(
+        port, b"GET /real HTTP/1.1\r\nHost: evil/other?\r\nConnection: close\r\n\r\n"
+    )
+    assert b"GET http://localhost/real" in data
+
+
+async def test_an_unread_body_closes_the_connection(port: int) -> None:
+    raw = b"POST /ignore-body HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"z" * 10
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    data = await asyncio.wait_for(reader.read(), 5)  # the server closes: EOF
+    assert data.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in data
+    writer.close()
+
+
+async def test_a_client_leaving_mid_stream_closes_the_body_source(port: int) -> None:
+    stream_closed["endless"] = asyncio.Event()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /stream HTTP/1.1\r\nHost: a\r\n\r\n")
+    await reader.readexactly(200_000)
+    writer.transport.abort()
+
+    await asyncio.wait_for(stream_closed["endless"].wait(), 5)
+
+
+async def test_websocket_upgrade_on_a_reused_keep_alive_connection(port: int) -> None:
+    connector = aiohttp.TCPConnector(limit=1)  # forces the upgrade onto the same socket
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(f"http://127.0.0.1:{port}/first") as response:
+            assert response.status == 200
+            await response.read()
+        async with session.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+            await ws.send_str("over the same connection")
+            assert (await ws.receive(timeout=5)).data == "over the same connection"
