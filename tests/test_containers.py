@@ -86,8 +86,11 @@ async def test_cold_start_shares_one_start_across_50_requests(lab: Lab) -> None:
         assert info.labels["dockyard.class"] == "Web"
         assert info.labels["dockyard.version"]
         assert info.labels["dockyard.object_name"] == "solo"
-    # dockyard dev stops what it started.
+    # dockyard dev stops what it started, and the object saw that run end as a stop.
     assert await lab.running(project) == []
+    with DevServer(project.root) as dev:
+        assert await lab.rpc(dev.url + "/rpc/WEB/solo/stops") == [[143, "stop"]]
+        assert (await lab.rpc(dev.url + "/rpc/WEB/solo/state"))["status"] == "stopped"
 
 
 async def test_names_isolate_and_get_random_stays_within_its_set(lab: Lab) -> None:

@@ -551,7 +551,8 @@ class Container(DurableObject):
 
     async def _watch_exit(self) -> None:
         status: ExitStatus = await self._handle.monitor()
-        reason: StopReason = "oom" if status.oom_killed else (self._stop_reason or "exit")
+        asked: StopReason | None = "stop" if self._handle.stopped_by_platform else None
+        reason: StopReason = "oom" if status.oom_killed else (self._stop_reason or asked or "exit")
         self._stop_reason = None
         if reason == "oom":
             log.warning(

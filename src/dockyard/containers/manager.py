@@ -88,6 +88,8 @@ class ContainerManager:
         self._upstream = UpstreamPool()
         self._waker: Waker | None = None
         self._warned_disk = False
+        # Containers the platform itself stopped (at exit), so their end reads as a stop.
+        self.platform_stops: set[str] = set()
 
     @property
     def upstream(self) -> UpstreamPool:
@@ -179,6 +181,7 @@ class ContainerManager:
         self._upstream.close()
 
     async def _stop_one(self, container_id: str) -> None:
+        self.platform_stops.add(container_id)
         await self.runtime.stop(container_id, self.stop_grace)
         exited = self._exits.get(container_id)
         if exited is not None:
@@ -274,6 +277,7 @@ class ContainerHandle:
         self.object_name = object_name
         self.info: ContainerInfo | None = None
         self.paused = False
+        self.stopped_by_platform = False
         self.last_output: list[str] = []
 
     def last_output_summary(self) -> str:
@@ -348,6 +352,7 @@ class ContainerHandle:
             log.warning("Could not remove container %s: %s", info.name, exc)
         self.info = None
         self.paused = False
+        self.stopped_by_platform = info.id in self.manager.platform_stops
         self.manager.exited(self.class_name, info.id)
         return status
 
