@@ -170,3 +170,14 @@ async def test_streams_50_mb_both_ways_without_buffering(tmp_path: Path) -> None
         # Peak resident memory of the server over the whole test: far below one body.
         growth_mib = (server.peak_rss_kib() - baseline) / 1024
         assert growth_mib < 20, f"server grew by {growth_mib:.1f} MiB while streaming 50 MB"
+
+
+async def test_a_second_dev_on_the_same_project_is_refused(tmp_path: Path) -> None:
+    project = make_project(tmp_path, MODULE_WORKER)
+    with DevServer(project) as first:
+        second = DevServer(project)
+        with pytest.raises(AssertionError):
+            second.start(timeout=30)
+        assert second.stop() == 1
+        assert "is in use by dockyard dev (pid" in second.output
+        assert (await get(first.url + "/"))[1] == "module form says hi"

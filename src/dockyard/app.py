@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .config import Config, load_config
 from .containers import ContainerHandle, ContainerManager
 from .containers.docker import DockerRuntime
-from .errors import WorkerError
+from .errors import DockyardError, WorkerError
 from .http import Request, Response
 from .objects import ObjectHost
 from .worker import Env, ExecutionContext, Worker, load_worker
@@ -55,6 +56,7 @@ class App:
         )
         self.host.set_env(self.env)
         self.worker: Worker | None = None
+        self._lock: IO[str] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.containers: ContainerManager | None = None
         if self.config.containers:
@@ -73,6 +75,7 @@ class App:
         await self.stop()
 
     async def start(self) -> None:
+        self._lock_state_dir()
         self._load_worker()
         await self.host.start()
         if self.containers is not None:
@@ -80,6 +83,8 @@ class App:
             await self.containers.start()
 
     async def stop(self) -> None:
+        if self._lock is None:
+            return  # start() never got the state folder: nothing here is ours to stop
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=WAIT_UNTIL_GRACE)
             for task in pending:
@@ -90,6 +95,33 @@ class App:
             await self.containers.stop()
             await self.containers.runtime.aclose()
         await self.host.stop()
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
+
+    def _lock_state_dir(self) -> None:
+        """One platform per state folder: a second would adopt the first's containers."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock (Windows)
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.state_dir / "dev.lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise DockyardError(
+                f"{self.state_dir} is in use by dockyard dev ({holder}); stop that one first, "
+                "or serve this project from one process only"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
 
     def _container_handle_factory(self, class_name: str) -> Callable[[Any], ContainerHandle]:
         manager = self.containers

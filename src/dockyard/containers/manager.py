@@ -175,6 +175,14 @@ class ContainerManager:
         if running:
             log.info("Stopping %d container(s)", len(running))
         await asyncio.gather(*(self._stop_one(cid) for cid in running), return_exceptions=True)
+        # A start cut short (a timeout between create and start) can leave a container
+        # that never ran; nothing of this app stays behind.
+        try:
+            for info in await self.runtime.list({LABEL_APP: self.app}):
+                if not info.running:
+                    await self.runtime.remove(info.id)
+        except ContainerError as exc:
+            log.warning("Could not clean up stopped containers: %s", exc)
         if self._session is not None:
             await self._session.close()
             self._session = None
