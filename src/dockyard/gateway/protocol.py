@@ -30,6 +30,7 @@ __all__ = ["HttpProtocol"]
 BODY_HIGH_WATER = 1 << 20
 BODY_LOW_WATER = 256 << 10
 KEEP_ALIVE_TIMEOUT = 75.0
+# Framing is the server's own business: the worker's values for these are not copied.
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection", "te"}
 )

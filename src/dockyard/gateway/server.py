@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 from .._tasks import until_first_done
 from ..errors import DockyardError
 from ..http import STREAM_CHUNK, Request, Response, WebSocket
-from .protocol import HttpProtocol
+from .protocol import HOP_BY_HOP, HttpProtocol
 
 __all__ = ["Dispatch", "Gateway"]
 
@@ -28,10 +28,6 @@ access_log = logging.getLogger("dockyard.access")
 
 Dispatch = Callable[[Request], Awaitable[Response]]
 
-# Managed by aiohttp itself on the way out; copying the worker's values would corrupt framing.
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection", "te"}
-)
 # How long stop() lets requests in flight finish before closing their connections.
 STOP_GRACE = 5.0
 
