@@ -34,6 +34,19 @@ HeadersInit = (
 )
 
 STREAM_CHUNK = 64 * 1024
+# Hop-by-hop headers (RFC 9110, 7.6.1): they describe one connection, so a proxy or a
+# server sets its own and never copies these from the other side.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 
 
 def make_headers(init: HeadersInit) -> CIMultiDict[str]:

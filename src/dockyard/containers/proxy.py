@@ -16,7 +16,7 @@ from yarl import URL
 
 from .._tasks import until_first_done
 from ..errors import ContainerGone
-from ..http import Request, Response, WebSocketPair
+from ..http import HOP_BY_HOP, Request, Response, WebSocketPair
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 __all__ = ["CONTAINER_BASE_URL", "forward_http", "forward_websocket", "open_session"]
@@ -24,17 +24,6 @@ __all__ = ["CONTAINER_BASE_URL", "forward_http", "forward_websocket", "open_sess
 # Relative URLs given to container_fetch resolve here, so the container sees Host: container.
 CONTAINER_BASE_URL = "http://container"
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # Responses up to this size (with a Content-Length) are buffered rather than streamed.
 SMALL_BODY = 64 * 1024
 WEBSOCKET_HANDSHAKE = frozenset(

@@ -22,7 +22,7 @@ from typing import cast
 
 import httptools
 
-from ..http import Request, Response
+from ..http import HOP_BY_HOP, Request, Response
 
 __all__ = ["HttpProtocol"]
 
@@ -30,10 +30,6 @@ __all__ = ["HttpProtocol"]
 BODY_HIGH_WATER = 1 << 20
 BODY_LOW_WATER = 256 << 10
 KEEP_ALIVE_TIMEOUT = 75.0
-# Framing is the server's own business: the worker's values for these are not copied.
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection", "te"}
-)
 # What a Host header may hold; anything else would let it rewrite the request's path.
 _HOST = re.compile(r"[A-Za-z0-9.\-_:\[\]]+")
 _REASONS = {status.value: status.phrase for status in HTTPStatus}

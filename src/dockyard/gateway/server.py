@@ -18,8 +18,8 @@ from aiohttp import WSMsgType, web
 
 from .._tasks import until_first_done
 from ..errors import DockyardError
-from ..http import STREAM_CHUNK, Request, Response, WebSocket
-from .protocol import HOP_BY_HOP, HttpProtocol
+from ..http import HOP_BY_HOP, STREAM_CHUNK, Request, Response, WebSocket
+from .protocol import HttpProtocol
 
 __all__ = ["Dispatch", "Gateway"]
 
