@@ -149,3 +149,20 @@ async def test_websocket_upgrade_on_a_reused_keep_alive_connection(port: int) ->
         async with session.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
             await ws.send_str("over the same connection")
             assert (await ws.receive(timeout=5)).data == "over the same connection"
+
+
+async def test_a_client_too_slow_to_send_its_headers_gets_408() -> None:
+    gateway = Gateway(dispatch, port=0, header_timeout=0.3)
+    port = await gateway.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n")  # and never the blank line
+        data = await asyncio.wait_for(reader.read(), 5)
+        assert data.startswith(b"HTTP/1.1 408 Request Timeout")
+        writer.close()
+        # A prompt client on the same server is unaffected.
+        assert (await exchange(port, b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))[
+            :15
+        ] == b"HTTP/1.1 200 OK"
+    finally:
+        await gateway.stop()

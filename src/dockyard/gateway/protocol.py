@@ -30,6 +30,8 @@ __all__ = ["HttpProtocol"]
 BODY_HIGH_WATER = 1 << 20
 BODY_LOW_WATER = 256 << 10
 KEEP_ALIVE_TIMEOUT = 75.0
+# A client must send a request's whole head within this time (no slow-header hold-ups).
+HEADER_TIMEOUT = 30.0
 # What a Host header may hold; anything else would let it rewrite the request's path.
 _HOST = re.compile(r"[A-Za-z0-9.\-_:\[\]]+")
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -99,7 +101,15 @@ class _RequestBody:
 class HttpProtocol(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, respond: Respond, upgrade: Upgrade, connections: set[HttpProtocol]):
+    def __init__(
+        self,
+        respond: Respond,
+        upgrade: Upgrade,
+        connections: set[HttpProtocol],
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+    ) -> None:
+        self._header_timeout = header_timeout
         self._respond = respond
         self._upgrade = upgrade
         self._connections = connections
@@ -188,7 +198,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers = []
         if self._idle is not None:
             self._idle.cancel()
-            self._idle = None
+        self._idle = self._loop.call_later(self._header_timeout, self._headers_too_slow)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -197,6 +207,9 @@ class HttpProtocol(asyncio.Protocol):
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         if self._parser.should_upgrade():
             return  # feed_data raises HttpParserUpgrade next; see _begin_upgrade
         method = self._parser.get_method().decode("ascii")
@@ -342,6 +355,11 @@ class HttpProtocol(asyncio.Protocol):
     def _arm_idle_timer(self) -> None:
         if not self._closed:
             self._idle = self._loop.call_later(KEEP_ALIVE_TIMEOUT, self._close_if_idle)
+
+    def _headers_too_slow(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(_simple_response(408, "Request Timeout: headers too slow\n"))
+        self.close()
 
     def _close_if_idle(self) -> None:
         if self.idle:

@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 from .._tasks import until_first_done
 from ..errors import DockyardError
 from ..http import HOP_BY_HOP, STREAM_CHUNK, Request, Response, WebSocket
-from .protocol import HttpProtocol
+from .protocol import HEADER_TIMEOUT, HttpProtocol
 
 __all__ = ["Dispatch", "Gateway"]
 
@@ -35,8 +35,16 @@ STOP_GRACE = 5.0
 class Gateway:
     """Serves ``dispatch`` on ``host:port``; ``start()`` returns the bound port."""
 
-    def __init__(self, dispatch: Dispatch, *, host: str = "127.0.0.1", port: int = 8787) -> None:
+    def __init__(
+        self,
+        dispatch: Dispatch,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8787,
+        header_timeout: float = HEADER_TIMEOUT,
+    ) -> None:
         self.dispatch = dispatch
+        self.header_timeout = header_timeout
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -53,7 +61,9 @@ class Gateway:
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HttpProtocol(self.respond, self._upgrade, self._connections),
+            lambda: HttpProtocol(
+                self.respond, self._upgrade, self._connections, header_timeout=self.header_timeout
+            ),
             self.host,
             self.port,
             reuse_address=True,
