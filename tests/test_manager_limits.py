@@ -25,8 +25,8 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.started: list[ContainerSpec] = []
 
-    async def image_exists(self, ref: str) -> bool:
-        return True
+    async def image_id(self, ref: str) -> str | None:
+        return "sha256:" + "ab12" * 16
 
     async def list(self, labels: dict[str, str]) -> list[ContainerInfo]:
         return []
@@ -109,7 +109,7 @@ async def test_container_spec_carries_labels_env_and_limits(tmp_path: Path) -> N
         "dockyard.class": "Box",
         "dockyard.object_id": "abc123",
         "dockyard.object_name": "alice",
-        "dockyard.version": "1",
+        "dockyard.version": "ab12ab12ab12",
     }
     assert spec.env == {
         "A": "1",

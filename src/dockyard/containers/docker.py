@@ -229,15 +229,15 @@ class DockerRuntime:
                 image_id = (await self._client().images.inspect(tag))["Id"]
         return image_id
 
-    async def image_exists(self, ref: str) -> bool:
+    async def image_id(self, ref: str) -> str | None:
         with self._engine_errors(f"inspect image {ref!r}"):
             try:
-                await self._client().images.inspect(ref)
+                found = await self._client().images.inspect(ref)
             except DockerError as exc:
                 if exc.status == 404:
-                    return False
+                    return None
                 raise
-        return True
+        return str(found["Id"])
 
     # Containers
 

@@ -219,25 +219,28 @@ async def ensure_image(
     reference that must already be present on the engine: nothing is pulled.
     """
     if dockerfile is None:
-        if not await runtime.image_exists(image):
+        image_id = await runtime.image_id(image)
+        if image_id is None:
             raise ImageError(
                 f"Image {image!r} for container class {class_name!r} is not present on the "
                 "container engine, and Dockyard never pulls from a registry. Build or load "
                 f"it first (for example `docker build -t {image} .`), or point `image` at a "
                 "Dockerfile."
             )
-        return image
+        # Run exactly the image checked here: a tag like :latest may move, and the
+        # id makes the containers' version label (and their adoption) follow the image.
+        return image_id
 
     context_dir = context if context is not None else dockerfile.parent
     # Reading every context file is blocking disk work; keep it off the event loop.
     digest = await asyncio.to_thread(_checked_hash, class_name, dockerfile, context_dir, build_args)
     tag = image_tag(app, class_name, digest)
-    if await runtime.image_exists(tag):
+    if await runtime.image_id(tag) is not None:
         return tag
     # The engine's builder would try a registry for a missing FROM image; say what is
     # missing instead of waiting for a pull that cannot work here.
     for base in base_images(await asyncio.to_thread(dockerfile.read_text), build_args):
-        if not await runtime.image_exists(base):
+        if await runtime.image_id(base) is None:
             raise ImageError(
                 f"{dockerfile} (class {class_name!r}) starts FROM {base!r}, which is not "
                 "present on the container engine, and Dockyard never pulls from a registry. "

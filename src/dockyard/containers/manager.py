@@ -50,7 +50,8 @@ class ClassImage:
 
     @property
     def version(self) -> str:
-        return (self.image or "").rsplit(":", 1)[-1]
+        # A built image's tag is its content hash; a referenced image runs by its id.
+        return (self.image or "").rsplit(":", 1)[-1][:12]
 
 
 @dataclass

@@ -144,7 +144,9 @@ class ContainerRuntime(Protocol):
         """
         ...
 
-    async def image_exists(self, ref: str) -> bool: ...
+    async def image_id(self, ref: str) -> str | None:
+        """The image's id (``sha256:…``), or None when the engine does not have it."""
+        ...
 
     # Containers
 
