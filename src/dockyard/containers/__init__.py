@@ -1,9 +1,10 @@
 """Containers owned by Durable Objects, on a real container engine."""
 
-from .container import Container, State, StopParams
+from .container import Container
 from .helpers import get_container, get_random, load_balance, switch_port
 from .manager import ContainerHandle, ContainerManager
 from .schedules import Schedule
+from .state import State, StopParams
 
 __all__ = [
     "Container",

@@ -13,22 +13,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Literal
-
-import aiohttp
 
 from ..durations import parse_duration
 from ..errors import ContainerError, ContainerGone, DockyardError, StartFailed
 from ..http import HeadersInit, Request, Response
 from ..objects import DurableObject
 from .manager import ContainerHandle
-from .proxy import forward_http, forward_websocket, target_url
+from .proxy import forward_http, forward_websocket
+from .readiness import Readiness, wait_for_port
 from .runtime import ExecProcess, ExecResult, ExitStatus
 from .schedules import Schedule, ScheduleTable
+from .state import State, Status, StopParams, StopReason, signal_number
 
-__all__ = ["SWITCH_PORT_HEADER", "Container", "State", "StopParams"]
+__all__ = ["SWITCH_PORT_HEADER", "Container"]
 
 log = logging.getLogger("dockyard.containers")
 
@@ -36,26 +35,6 @@ SWITCH_PORT_HEADER = "dockyard-container-target-port"
 # Accepted too, so code written for Cloudflare's switchPort keeps working.
 CF_SWITCH_PORT_HEADER = "cf-container-target-port"
 STATE_KEY = "__dockyard_container_state"
-SIGNALS = {"SIGTERM": 15, "SIGINT": 2, "SIGKILL": 9}
-
-Status = Literal["stopped", "running", "healthy", "stopping", "stopped_with_code", "paused"]
-StopReason = Literal["exit", "stop", "destroy", "oom"]
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    status: Status
-    last_change: float
-    exit_code: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StopParams:
-    """Why a container run ended: ``exit`` (its process ended by itself), ``stop``
-    (``stop()`` or sleep), ``destroy`` or ``oom`` (killed for using too much memory)."""
-
-    exit_code: int
-    reason: StopReason
 
 
 class Container(DurableObject):
@@ -170,7 +149,7 @@ class Container(DurableObject):
             return
         self._stop_reason = self._stop_reason or "stop"
         await self._set_state("stopping")
-        await self._handle.signal(_signal_number(signal))
+        await self._handle.signal(signal_number(signal))
         try:
             await asyncio.wait_for(self._stopped.wait(), self.stop_timeout)
         except TimeoutError:
@@ -385,6 +364,11 @@ class Container(DurableObject):
         name = getattr(self.ctx.id, "name", None)
         return f"container {type(self).__name__}({name or str(self.ctx.id)[:12]})"
 
+    def _readiness(self) -> Readiness:
+        return Readiness(
+            self.ping_endpoint, self.port_timeout, self.probe_timeout, self.wait_interval
+        )
+
     def _ports_to_check(self) -> list[int]:
         if self.required_ports:
             return list(self.required_ports)
@@ -477,7 +461,13 @@ class Container(DurableObject):
                 await self._arm_alarm()
             if ports:
                 for port in ports:
-                    await self._wait_for_port(port)
+                    await wait_for_port(
+                        self._handle,
+                        port,
+                        self._readiness(),
+                        stopped=self._stopped,
+                        exit_code=lambda: self._state.exit_code,
+                    )
                 await self._set_state("healthy")
         except TimeoutError:
             await self._abandon_start()
@@ -500,50 +490,6 @@ class Container(DurableObject):
             self._stop_reason = "destroy"
             await self._handle.destroy()
             await self._stopped.wait()
-
-    async def _wait_for_port(self, port: int) -> None:
-        host, _, path = self.ping_endpoint.partition("/")
-        session = self._handle.manager.session
-        deadline = time.monotonic() + self.port_timeout
-        interval = 0.01
-        while True:
-            if self._handle.info is not None and port not in self._handle.info.host_ports:
-                # No published port usually means the process died at once; let the
-                # monitor confirm that before blaming the configuration.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopped.wait(), 2.0)
-            if not self._handle.running:
-                raise StartFailed(
-                    f"the container exited with code {self._state.exit_code} before port "
-                    f"{port} answered{self._handle.last_output_summary()}"
-                )
-            url = target_url(f"http://{host or 'container'}/{path}", self._handle.host_port(port))
-            remaining = deadline - time.monotonic()
-            try:
-                timeout = aiohttp.ClientTimeout(total=min(self.probe_timeout, max(remaining, 0.1)))
-                async with session.get(url, headers={"Host": host}, timeout=timeout) as probe:
-                    await probe.read()
-                return  # any HTTP answer means the server is up
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            if time.monotonic() + interval > deadline:
-                raise StartFailed(
-                    f"port {port} did not answer HTTP within {self.port_timeout}s "
-                    f"(probed /{path} with Host: {host}); check that the server listens on "
-                    f"0.0.0.0:{port}{await self._last_logs()}"
-                )
-            await asyncio.sleep(interval)
-            interval = min(interval * 2, self.wait_interval)
-
-    async def _last_logs(self) -> str:
-        info = self._handle.info
-        if info is None:
-            return self._handle.last_output_summary()
-        try:
-            lines = [line async for line in self._handle.runtime.logs(info.id, tail=5)]
-        except ContainerError:
-            return ""
-        return "; last output: " + " | ".join(lines) if lines else ""
 
     def _watch(self) -> None:
         self._stopped.clear()
@@ -591,15 +537,6 @@ class Container(DurableObject):
             STATE_KEY,
             {"status": status, "last_change": self._state.last_change, "exit_code": exit_code},
         )
-
-
-def _signal_number(signal: str | int) -> int:
-    if isinstance(signal, int):
-        return signal
-    number = SIGNALS.get(signal.upper())
-    if number is None:
-        raise ContainerError(f"stop(): unknown signal {signal!r}; use SIGTERM, SIGINT or SIGKILL")
-    return number
 
 
 def _start_failure(error: DockyardError) -> Response:
