@@ -100,7 +100,7 @@ async def test_large_streamed_response_with_flow_control() -> None:
             received += len(chunk)
             if received < 4 << 20:
                 await asyncio.sleep(0)  # a slow reader: the buffer must stay bounded
-            assert response._buffered <= 2 << 20
+            assert response.body.buffered <= 2 << 20
         assert received == size
         assert pool.open_connections == 1  # kept for the next request
     finally:

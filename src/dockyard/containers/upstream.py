@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import cast
 
 import httptools
 
+from .._flow import ChunkBuffer, WriteFlow
+
 __all__ = ["UpstreamError", "UpstreamPool", "UpstreamResponse"]
 
 CONNECT_TIMEOUT = 5.0
-# Stop reading from the container while this much response body waits for the client.
-READ_HIGH_WATER = 1 << 20
-READ_LOW_WATER = 256 << 10
 MAX_IDLE_PER_PORT = 64
 
 
@@ -31,7 +29,7 @@ class UpstreamError(ConnectionError):
     """The connection to the container failed or broke before the response was complete."""
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(WriteFlow, asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, port: int) -> None:
         self.pool = pool
         self.port = port
@@ -39,11 +37,8 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reused = False
-        self._loop = asyncio.get_running_loop()
         self._response: UpstreamResponse | None = None
         self._headers_ready: asyncio.Future[None] | None = None
-        self._can_write = True
-        self._drained: asyncio.Future[None] | None = None
         self._header_list: list[tuple[str, str]] = []
         self._informational = False
 
@@ -63,22 +58,13 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool._forget(self)
+        self._release_writer()
         response = self._response
-        if response is not None and response._until_close and not response._complete:
+        if response is not None and response._until_close and not response.body.complete:
             # No length and not chunked: the body ends where the connection does.
-            response._finish()
+            response.body.finish()
             return
         self._fail(UpstreamError(f"the container closed the connection ({exc or 'EOF'})"))
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_exception(UpstreamError("connection closed while sending"))
-
-    def pause_writing(self) -> None:
-        self._can_write = False
-
-    def resume_writing(self) -> None:
-        self._can_write = True
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
 
     # httptools callbacks
 
@@ -105,21 +91,16 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._response is not None:
-            self._response._feed(body)
+            self._response.body.feed(body)
 
     def on_message_complete(self) -> None:
         if self._informational:
             self._informational = False
             return
         if self._response is not None:
-            self._response._finish()
+            self._response.body.finish()
 
     # used by the pool and responses
-
-    async def drain(self) -> None:
-        if not self._can_write:
-            self._drained = self._loop.create_future()
-            await self._drained
 
     def close(self) -> None:
         self.closed = True
@@ -129,14 +110,15 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: UpstreamError) -> None:
         if self._headers_ready is not None and not self._headers_ready.done():
             self._headers_ready.set_exception(error)
-        if self._response is not None and not self._response._complete:
-            self._response._error = error
-            self._response._wake()
+        if self._response is not None:
+            self._response.body.finish(error)
 
     def _done(self, response: UpstreamResponse) -> None:
         """The response was released: keep the connection for the next request, or not."""
         self._response = None
-        if response._complete and not self.closed and response._keep_alive:
+        body = response.body
+        reusable = body.complete and body.error is None and response._keep_alive
+        if reusable and not self.closed:
             self.pool._keep(self)
         else:
             self.close()
@@ -150,14 +132,11 @@ class UpstreamResponse:
         self.headers: list[tuple[str, str]] = []
         self.content_length: int | None = None
         self._connection = connection
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._complete = False
+        transport = connection.transport
+        assert transport is not None
+        self.body = ChunkBuffer(transport.pause_reading, transport.resume_reading)
         self._released = False
         self._until_close = False
-        self._error: UpstreamError | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._reading_paused = False
         self._keep_alive = False
 
     def _note_framing(self) -> None:
@@ -178,41 +157,9 @@ class UpstreamResponse:
             )
         )
 
-    def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > READ_HIGH_WATER and not self._reading_paused:
-            transport = self._connection.transport
-            if transport is not None:
-                transport.pause_reading()
-                self._reading_paused = True
-        self._wake()
-
-    def _finish(self) -> None:
-        self._complete = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
     async def next_chunk(self) -> bytes | None:
         """The next piece of the body, or None at its end."""
-        while not self._chunks:
-            if self._error is not None:
-                raise self._error
-            if self._complete:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._reading_paused and self._buffered < READ_LOW_WATER:
-            self._reading_paused = False
-            transport = self._connection.transport
-            if transport is not None:
-                transport.resume_reading()
-        return chunk
+        return await self.body.next_chunk()
 
     async def read(self) -> bytes:
         """The whole body; the connection goes back to the pool."""

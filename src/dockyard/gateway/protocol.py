@@ -15,20 +15,18 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import cast
 
 import httptools
 
+from .._flow import ChunkBuffer, WriteFlow
 from ..http import HOP_BY_HOP, Request, Response
 
 __all__ = ["HttpProtocol"]
 
-# Stop reading a request body from the client while this much waits for the worker.
-BODY_HIGH_WATER = 1 << 20
-BODY_LOW_WATER = 256 << 10
 KEEP_ALIVE_TIMEOUT = 75.0
 # A client must send a request's whole head within this time (no slow-header hold-ups).
 HEADER_TIMEOUT = 30.0
@@ -55,50 +53,7 @@ class _Date:
         return cls.value
 
 
-class _RequestBody:
-    """A request body arriving from the client, read by the worker as an async iterator."""
-
-    def __init__(self, protocol: HttpProtocol) -> None:
-        self._protocol = protocol
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self.complete = False
-        self.error: Exception | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > BODY_HIGH_WATER:
-            self._protocol.pause_reading()
-        self._wake()
-
-    def finish(self, error: Exception | None = None) -> None:
-        self.complete = True
-        self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            while not self._chunks:
-                if self.error is not None:
-                    raise self.error
-                if self.complete:
-                    return
-                self._waiter = asyncio.get_running_loop().create_future()
-                await self._waiter
-            chunk = self._chunks.popleft()
-            self._buffered -= len(chunk)
-            if self._buffered < BODY_LOW_WATER:
-                self._protocol.resume_reading()
-            yield chunk
-
-
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol(WriteFlow, asyncio.Protocol):
     """One client connection."""
 
     def __init__(
@@ -118,13 +73,11 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._url = b""
         self._headers: list[tuple[str, str]] = []
-        self._body: _RequestBody | None = None
-        self._queue: deque[tuple[Request, bool, _RequestBody | None]] = deque()
+        self._body: ChunkBuffer | None = None
+        self._queue: deque[tuple[Request, bool, ChunkBuffer | None]] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self._reading_paused = False
-        self._can_write = True
-        self._drained: asyncio.Future[None] | None = None
         self._pending_upgrade: bytes | None = None
         self._idle: asyncio.TimerHandle | None = None
 
@@ -165,16 +118,7 @@ class HttpProtocol(asyncio.Protocol):
             self._idle.cancel()
         if self._body is not None and not self._body.complete:
             self._body.finish(ConnectionResetError("the client went away mid-body"))
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._can_write = False
-
-    def resume_writing(self) -> None:
-        self._can_write = True
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._release_writer()
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self._closed:
@@ -228,7 +172,7 @@ class HttpProtocol(asyncio.Protocol):
                 expect_continue = True
         if not _HOST.fullmatch(host):
             host = "localhost"
-        body = _RequestBody(self) if has_body else None
+        body = ChunkBuffer(self.pause_reading, self.resume_reading) if has_body else None
         self._body = body
         if expect_continue and body is not None and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -320,9 +264,7 @@ class HttpProtocol(asyncio.Protocol):
                     transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
                 else:
                     transport.write(chunk)
-                if not self._can_write:
-                    self._drained = self._loop.create_future()
-                    await self._drained
+                await self.drain()
             else:
                 if chunked and not self._closed:
                     transport.write(b"0\r\n\r\n")

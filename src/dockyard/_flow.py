@@ -1,0 +1,103 @@
+"""Flow control shared by the gateway's server protocol and the container client.
+
+``WriteFlow`` lets a writer wait while the transport's buffer is full. ``ChunkBuffer``
+holds body chunks that arrive from a socket until a coroutine reads them, and pauses
+reading from that socket while too much is waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+__all__ = ["ChunkBuffer", "WriteFlow"]
+
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10
+
+
+class WriteFlow:
+    """Mixed into an ``asyncio.Protocol``: ``await drain()`` while writing is paused."""
+
+    _can_write = True
+    _drained: asyncio.Future[None] | None = None
+
+    def pause_writing(self) -> None:
+        self._can_write = False
+
+    def resume_writing(self) -> None:
+        self._can_write = True
+        self._release_writer()
+
+    async def drain(self) -> None:
+        if not self._can_write:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def _release_writer(self) -> None:
+        """Wake a waiting writer (also when the connection is lost: it checks for that)."""
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+
+class ChunkBuffer:
+    """Chunks fed by a protocol, read once by a coroutine, with read-side back pressure."""
+
+    def __init__(
+        self,
+        pause_reading: Callable[[], None],
+        resume_reading: Callable[[], None],
+        *,
+        high_water: int = HIGH_WATER,
+        low_water: int = LOW_WATER,
+    ) -> None:
+        self._pause_reading = pause_reading
+        self._resume_reading = resume_reading
+        self._high_water = high_water
+        self._low_water = low_water
+        self._chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.complete = False
+        self.error: Exception | None = None
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > self._high_water and not self._paused:
+            self._paused = True
+            self._pause_reading()
+        self._wake()
+
+    def finish(self, error: Exception | None = None) -> None:
+        """The end of the body; with ``error``, readers get it once the chunks run out."""
+        if not self.complete:
+            self.complete = True
+            self.error = error
+            self._wake()
+
+    async def next_chunk(self) -> bytes | None:
+        """The next chunk, or None at the end of the body."""
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        chunk = self._chunks.popleft()
+        self.buffered -= len(chunk)
+        if self._paused and self.buffered < self._low_water:
+            self._paused = False
+            self._resume_reading()
+        return chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while (chunk := await self.next_chunk()) is not None:
+            yield chunk
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
