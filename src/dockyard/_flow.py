@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 __all__ = ["ChunkBuffer", "WriteFlow"]
 
@@ -34,6 +34,29 @@ class WriteFlow:
         if not self._can_write:
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
+
+    async def send_body(
+        self,
+        transport: asyncio.WriteTransport,
+        chunks: AsyncIterable[bytes],
+        *,
+        chunked: bool,
+        closed: Callable[[], bool],
+    ) -> None:
+        """Write a streamed HTTP/1.1 body, chunk-encoded or raw, waiting while paused.
+
+        Stops early once ``closed()`` says the connection is gone.
+        """
+        async for chunk in chunks:
+            if closed():
+                return
+            if chunked:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                transport.write(chunk)
+            await self.drain()
+        if chunked and not closed():
+            transport.write(b"0\r\n\r\n")
 
     def _release_writer(self) -> None:
         """Wake a waiting writer (also when the connection is lost: it checks for that)."""

@@ -263,16 +263,9 @@ class UpstreamPool:
                 transport.write(head + body if body else head)
             else:
                 transport.write(head)
-                async for chunk in body:
-                    if connection.closed:
-                        break
-                    if chunked:
-                        transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-                    else:
-                        transport.write(chunk)
-                    await connection.drain()
-                if chunked and not connection.closed:
-                    transport.write(b"0\r\n\r\n")
+                await connection.send_body(
+                    transport, body, chunked=chunked, closed=lambda: connection.closed
+                )
             await ready
         except BaseException:
             connection._response = None

@@ -257,17 +257,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         transport.write(b"".join(head))
         stream = response.stream()
         try:
-            async for chunk in stream:
-                if self._closed:
-                    break
-                if chunked:
-                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-                else:
-                    transport.write(chunk)
-                await self.drain()
-            else:
-                if chunked and not self._closed:
-                    transport.write(b"0\r\n\r\n")
+            await self.send_body(transport, stream, chunked=chunked, closed=lambda: self._closed)
         finally:
             await stream.aclose()
 
