@@ -57,6 +57,7 @@ class App:
         self.host.set_env(self.env)
         self.worker: Worker | None = None
         self._lock: IO[str] | None = None
+        self._started = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.containers: ContainerManager | None = None
         if self.config.containers:
@@ -76,6 +77,7 @@ class App:
 
     async def start(self) -> None:
         self._lock_state_dir()
+        self._started = True
         self._load_worker()
         await self.host.start()
         if self.containers is not None:
@@ -83,8 +85,9 @@ class App:
             await self.containers.start()
 
     async def stop(self) -> None:
-        if self._lock is None:
+        if not self._started:
             return  # start() never got the state folder: nothing here is ours to stop
+        self._started = False
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=WAIT_UNTIL_GRACE)
             for task in pending:
