@@ -331,10 +331,17 @@ async def test_failing_build_names_the_step(
     assert "before-the-failure" in message
     assert await docker_runtime.image_id("dockyard-test-fails:x") is None
     # forcerm: the failed step's intermediate container is gone too.
-    leftovers = await docker_cli("ps", "-aq", "--filter", f"ancestor={busybox_image}")
-    for container_id in leftovers.split():
-        raw = await engine_inspect(container_id)
-        assert "exit 7" not in " ".join(raw["Config"]["Cmd"] or [])
+    # One listing (other tests' containers come and go between two calls).
+    commands = await docker_cli(
+        "ps",
+        "-a",
+        "--no-trunc",
+        "--filter",
+        f"ancestor={busybox_image}",
+        "--format",
+        "{{.Command}}",
+    )
+    assert "exit 7" not in commands
 
 
 async def test_ensure_image_builds_only_on_change(
@@ -422,8 +429,8 @@ async def test_no_internet_keeps_published_ports(
     busybox_image: str, test_labels: dict[str, str]
 ) -> None:
     network = f"dockyard-test-{test_labels['dockyard.app']}"
-    try:
-        async with DockerRuntime(no_internet_network=network) as runtime:
+    async with DockerRuntime(no_internet_network=network) as runtime:
+        try:
             info = await runtime.run(
                 spec(busybox_image, test_labels, HTTPD, ports=[8080], enable_internet=False)
             )
@@ -434,10 +441,16 @@ async def test_no_internet_keeps_published_ports(
                 assert raw["HostConfig"]["NetworkMode"] == network
             finally:
                 await runtime.remove(info.id)
-        options = await docker_cli("network", "inspect", network, "--format", "{{json .Options}}")
-        assert '"com.docker.network.bridge.enable_ip_masquerade":"false"' in options
-    finally:
-        await docker_cli("network", "rm", network)
+            options = await docker_cli(
+                "network", "inspect", network, "--format", "{{json .Options}}"
+            )
+            assert '"com.docker.network.bridge.enable_ip_masquerade":"false"' in options
+            # Neighbours on the no-internet network cannot reach each other either.
+            assert '"com.docker.network.bridge.enable_icc":"false"' in options
+        finally:
+            # Also removes the firewall rule that came with it.
+            await runtime.remove_no_internet_network()
+        assert network not in await docker_cli("network", "ls", "--format", "{{.Name}}")
 
 
 async def test_disk_limit_applied_or_skipped(
@@ -458,7 +471,10 @@ async def test_engine_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     async with DockerRuntime() as runtime:
         with pytest.raises(EngineUnavailable) as caught:
             await runtime.inspect("anything")
+        # The log's message says where and what to check; a client sees neither.
         assert str(socket) in str(caught.value) and "docker info" in str(caught.value)
+        assert caught.value.address == f"unix://{socket}"
+        assert caught.value.public == "engine unavailable"
         with pytest.raises(EngineUnavailable):
             await runtime.run(ContainerSpec(image="x"))
 

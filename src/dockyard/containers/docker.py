@@ -2,6 +2,9 @@
 
 This is the only module that sees aiodocker or aiohttp errors: `_engine_errors` turns
 each of them into a `dockyard.errors.ContainerError` that says what to check.
+
+Over 400 lines on purpose: it is the whole of one engine behind the four protocols of
+runtime.py, and keeping it one module keeps that single translation point for errors.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import asyncio
 import builtins
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -25,10 +29,12 @@ import aiohttp
 from aiodocker.exceptions import DockerError, DockerStreamError
 from aiodocker.stream import Stream
 
+from dockyard.containers import egress
 from dockyard.containers.images import context_archive
 from dockyard.containers.runtime import (
     ContainerInfo,
     ContainerSpec,
+    EngineInfo,
     ExecResult,
     ExitStatus,
     RuntimeCapabilities,
@@ -43,7 +49,14 @@ from dockyard.errors import (
 
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 NO_INTERNET_NETWORK = "dockyard-no-internet"
+# How long a short call (inspect, list, signal, create, ...) may take before the engine
+# counts as unavailable. Waits, stops, builds, logs and execs last as long as they must.
+DEFAULT_REQUEST_TIMEOUT = 30.0
 _MASQUERADE_OPTION = "com.docker.network.bridge.enable_ip_masquerade"
+_ICC_OPTION = "com.docker.network.bridge.enable_icc"
+_BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+
+log = logging.getLogger("dockyard.containers")
 _BUILD_TAIL_LINES = 20
 
 
@@ -52,18 +65,26 @@ class DockerRuntime:
     default socket.
 
     `enable_internet=False` attaches the container to `no_internet_network`, a bridge
-    network created on first use with IP masquerading disabled: published ports keep
-    working from loopback, but the container's packets never get NAT to the host's
-    address, so nothing beyond the host answers. It is not a firewall: the host itself
-    (and any route to the bridge subnet) stays reachable from the container.
+    network created on first use with IP masquerading and inter-container traffic
+    disabled: published ports keep working from loopback, but the container's packets
+    never get NAT to the host's address, so nothing beyond the host answers. Where this
+    process may (root, local engine), a firewall rule also refuses every packet the bridge
+    would forward (see egress.py), so nothing leaves the host at all. The host's own
+    addresses stay reachable from the container either way.
     """
 
     def __init__(
-        self, url: str | None = None, *, no_internet_network: str = NO_INTERNET_NETWORK
+        self,
+        url: str | None = None,
+        *,
+        no_internet_network: str = NO_INTERNET_NETWORK,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self._url = url
+        self._request_timeout = request_timeout
         self._no_internet_network = no_internet_network
         self._network_ready = False
+        self._egress_firewall: bool | None = None
         self._docker: aiodocker.Docker | None = None
         self._disk_limit: bool | None = None
 
@@ -73,7 +94,11 @@ class DockerRuntime:
 
     @property
     def capabilities(self) -> RuntimeCapabilities:
-        return RuntimeCapabilities(disk_limit=self._disk_limit, internet_isolation=True)
+        return RuntimeCapabilities(
+            disk_limit=self._disk_limit,
+            internet_isolation=True,
+            egress_firewall=self._egress_firewall,
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -101,7 +126,8 @@ class DockerRuntime:
             except (ValueError, DockerError) as exc:  # no usable DOCKER_HOST, bad context
                 raise EngineUnavailable(
                     f"Cannot set up a client for the container engine: {exc}. Set DOCKER_HOST "
-                    "or start the engine; `docker info` shows whether one answers."
+                    "or start the engine; `docker info` shows whether one answers.",
+                    address=self.engine_address,
                 ) from exc
         return self._docker
 
@@ -118,10 +144,35 @@ class DockerRuntime:
             raise ContainerError(f"Could not {action}: {exc.message}") from exc
         except DockerError as exc:
             self._raise_translated(action, exc.status, exc.message, container_id, image, exc)
-        except (aiohttp.ClientConnectionError, ConnectionError, FileNotFoundError) as exc:
+        except (
+            aiohttp.ClientConnectionError,
+            # The engine's answer was cut mid-body (it went away while we read): an
+            # outage, never a result.
+            aiohttp.ClientPayloadError,
+            ConnectionError,
+            FileNotFoundError,
+        ) as exc:
             self._raise_translated(action, 900, str(exc), container_id, image, exc)
         except aiohttp.ClientError as exc:
             raise ContainerError(f"Could not {action}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _short_call(
+        self, action: str, *, container_id: str | None = None, image: str | None = None
+    ) -> AsyncIterator[None]:
+        """`_engine_errors` for a call that should answer at once: an engine that accepts
+        the connection but never answers (wedged, overloaded) is unavailable too."""
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                with self._engine_errors(action, container_id=container_id, image=image):
+                    yield
+        except TimeoutError as exc:
+            raise EngineUnavailable(
+                f"Could not {action}: the container engine at {self.engine_address} did not "
+                f"answer within {self._request_timeout:g} s. Check `docker info`; a wedged "
+                "dockerd may need a restart.",
+                address=self.engine_address,
+            ) from exc
 
     def _raise_translated(
         self,
@@ -133,10 +184,13 @@ class DockerRuntime:
         exc: BaseException,
     ) -> NoReturn:
         if status == 900:  # aiodocker's code for "could not connect"
+            # The address is in the message (for the log and the console) and in
+            # `address`; clients only ever see the error's `public` text.
             raise EngineUnavailable(
                 f"Could not {action}: no container engine answers at {self.engine_address} "
                 f"({message}). Is dockerd running and is DOCKER_HOST right? "
-                "Check with `docker info`."
+                "Check with `docker info`.",
+                address=self.engine_address,
             ) from exc
         if status == 404 and container_id is not None:
             raise ContainerGone(
@@ -225,12 +279,12 @@ class DockerRuntime:
             raise failure(exc.message) from exc
         flush()
         if not image_id:
-            with self._engine_errors(f"inspect the image {tag} just built"):
+            async with self._short_call(f"inspect the image {tag} just built"):
                 image_id = (await self._client().images.inspect(tag))["Id"]
         return image_id
 
     async def image_id(self, ref: str) -> str | None:
-        with self._engine_errors(f"inspect image {ref!r}"):
+        async with self._short_call(f"inspect image {ref!r}"):
             try:
                 found = await self._client().images.inspect(ref)
             except DockerError as exc:
@@ -248,7 +302,7 @@ class DockerRuntime:
         if spec.disk_mb is not None and self._disk_limit is not False:
             config["HostConfig"]["StorageOpt"] = {"size": f"{spec.disk_mb}M"}
             disk_limited = True
-        with self._engine_errors(f"create a container from {spec.image!r}", image=spec.image):
+        async with self._short_call(f"create a container from {spec.image!r}", image=spec.image):
             try:
                 container = await docker.containers.create(config, name=spec.name)
             except DockerError as exc:
@@ -266,7 +320,7 @@ class DockerRuntime:
             else:
                 if disk_limited:
                     self._disk_limit = True
-        with self._engine_errors(f"start the container from {spec.image!r}"):
+        async with self._short_call(f"start the container from {spec.image!r}"):
             try:
                 await container.start()
             except DockerError as exc:
@@ -290,6 +344,7 @@ class DockerRuntime:
                 f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}] for port in spec.ports
             },
             "Init": spec.init,
+            **_hardening(spec),
         }
         if spec.vcpu is not None:
             host["NanoCpus"] = int(spec.vcpu * 1e9)
@@ -315,7 +370,7 @@ class DockerRuntime:
             return
         name = self._no_internet_network
         networks = self._client().networks
-        with self._engine_errors(f"set up the network {name!r}"):
+        async with self._short_call(f"set up the network {name!r}"):
             try:
                 await networks.create(
                     {
@@ -323,23 +378,54 @@ class DockerRuntime:
                         "Driver": "bridge",
                         "CheckDuplicate": True,
                         "Labels": {"dockyard.managed": "true"},
-                        "Options": {_MASQUERADE_OPTION: "false"},
+                        "Options": {_MASQUERADE_OPTION: "false", _ICC_OPTION: "false"},
                     }
                 )
             except DockerError as exc:
                 if exc.status != 409:  # another process created it first
                     raise
-            options = (await (await networks.get(name)).show()).get("Options") or {}
+            network = await (await networks.get(name)).show()
+        options = network.get("Options") or {}
         if options.get(_MASQUERADE_OPTION) != "false":
             raise StartFailed(
                 f"Network {name!r} exists but masquerades traffic, so it would not cut "
                 f"containers off from the internet. Remove it (`docker network rm {name}`) "
                 "and Dockyard will recreate it."
             )
+        self._egress_firewall = False
+        if egress.can_manage_firewall(self.engine_address):
+            self._egress_firewall = await egress.block_forwarding(_bridge_name(network))
+        if not self._egress_firewall:
+            log.warning(
+                "Containers with enable_internet=False get no NAT, but no firewall rule "
+                "stops their packets leaving the host (that needs Dockyard running as root "
+                "beside a local engine with iptables)"
+            )
         self._network_ready = True
 
+    async def remove_no_internet_network(self) -> None:
+        """Remove the no-internet network and its firewall rule; a no-op when absent.
+
+        Raises `ContainerError` while containers are still attached to it.
+        """
+        name = self._no_internet_network
+        networks = self._client().networks
+        async with self._short_call(f"remove the network {name!r}"):
+            try:
+                network = await networks.get(name)
+                details = await network.show()
+            except DockerError as exc:
+                if exc.status == 404:
+                    return
+                raise
+            await network.delete()
+        if egress.can_manage_firewall(self.engine_address):
+            await egress.allow_forwarding(_bridge_name(details))
+        self._network_ready = False
+        self._egress_firewall = None
+
     async def inspect(self, container_id: str) -> ContainerInfo | None:
-        with self._engine_errors("inspect a container", container_id=container_id):
+        async with self._short_call("inspect a container", container_id=container_id):
             try:
                 data = await self._client().containers.container(container_id).show()
             except DockerError as exc:
@@ -352,9 +438,15 @@ class DockerRuntime:
         container = self._client().containers.container(container_id)
         with self._engine_errors("wait for a container", container_id=container_id):
             result = await container.wait(condition="not-running")
+        code = result.get("StatusCode")
+        if not isinstance(code, int):
+            # Never make up an exit: the caller would take the container for stopped.
+            error = (result.get("Error") or {}).get("Message") or f"answer {result!r}"
+            raise ContainerError(f"The engine's wait for a container gave no exit code: {error}")
+        # An outage here raises too: the exit code alone would lose an OOM kill.
         info = await self.inspect(container_id)
         oom_killed = info.oom_killed if info is not None else False
-        return ExitStatus(exit_code=int(result.get("StatusCode", -1)), oom_killed=oom_killed)
+        return ExitStatus(exit_code=code, oom_killed=oom_killed)
 
     async def signal(self, container_id: str, sig: str | int) -> None:
         await self._kill(container_id, str(sig))
@@ -364,7 +456,7 @@ class DockerRuntime:
 
     async def _kill(self, container_id: str, sig: str) -> None:
         container = self._client().containers.container(container_id)
-        with self._engine_errors(f"send {sig} to a container", container_id=container_id):
+        async with self._short_call(f"send {sig} to a container", container_id=container_id):
             try:
                 await container.kill(signal=sig)
             except DockerError as exc:
@@ -374,13 +466,21 @@ class DockerRuntime:
 
     async def pause(self, container_id: str) -> None:
         container = self._client().containers.container(container_id)
-        with self._engine_errors("pause a container", container_id=container_id):
+        async with self._short_call("pause a container", container_id=container_id):
             await container.pause()
 
     async def unpause(self, container_id: str) -> None:
         container = self._client().containers.container(container_id)
-        with self._engine_errors("unpause a container", container_id=container_id):
+        async with self._short_call("unpause a container", container_id=container_id):
             await container.unpause()
+
+    async def set_cpu_limit(self, container_id: str, vcpu: float) -> None:
+        async with self._short_call("limit a container's CPU", container_id=container_id):
+            await self._client()._query_json(
+                f"containers/{container_id}/update",
+                method="POST",
+                data={"NanoCpus": int(vcpu * 1e9)},
+            )
 
     async def stop(self, container_id: str, grace_period: float = 10.0) -> None:
         container = self._client().containers.container(container_id)
@@ -390,7 +490,7 @@ class DockerRuntime:
 
     async def remove(self, container_id: str) -> None:
         container = self._client().containers.container(container_id)
-        with self._engine_errors("remove a container"):
+        async with self._short_call("remove a container"):
             try:
                 await container.delete(force=True, v=True)
             except DockerError as exc:
@@ -447,11 +547,31 @@ class DockerRuntime:
 
     async def list(self, labels: Mapping[str, str]) -> builtins.list[ContainerInfo]:
         filters = json.dumps({"label": [f"{key}={value}" for key, value in labels.items()]})
-        with self._engine_errors("list containers"):
+        async with self._short_call("list containers"):
             found = await self._client().containers.list(all=True, filters=filters)
-        infos = await asyncio.gather(*(self.inspect(container.id) for container in found))
-        # A container removed between listing and inspecting is simply not there any more.
-        return [info for info in infos if info is not None]
+        # Every inspect runs to its end before any error is raised: none is left behind.
+        results = await asyncio.gather(
+            *(self.inspect(container.id) for container in found), return_exceptions=True
+        )
+        infos: builtins.list[ContainerInfo] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            # A container removed between listing and inspecting is simply not there.
+            if result is not None:
+                infos.append(result)
+        return infos
+
+    async def engine_info(self) -> EngineInfo:
+        async with self._short_call("read the engine's host information"):
+            data = await self._client().system.info()
+        security = " ".join(str(option) for option in data.get("SecurityOptions") or [])
+        return EngineInfo(
+            cpus=int(data.get("NCPU") or 0),
+            memory_bytes=int(data.get("MemTotal") or 0),
+            version=str(data.get("ServerVersion", "")),
+            userns_remap="name=userns" in security,
+        )
 
 
 class DockerExecProcess:
@@ -534,6 +654,41 @@ class DockerExecProcess:
                 if loop.time() > deadline:
                     raise ContainerError(f"exec {self._cmd[:1]} never reported an exit code")
                 await asyncio.sleep(0.01)
+
+
+def _bridge_name(network: Mapping[str, Any]) -> str:
+    # The engine names a bridge br-<first 12 of the network id> unless told otherwise.
+    options = network.get("Options") or {}
+    return str(options.get(_BRIDGE_NAME_OPTION) or f"br-{network['Id'][:12]}")
+
+
+def _hardening(spec: ContainerSpec) -> dict[str, Any]:
+    """The HostConfig fields of the spec's hardening (see runtime.py's docstring)."""
+
+    def names(caps: Sequence[str]) -> builtins.list[str]:
+        return [cap.upper().removeprefix("CAP_") for cap in caps]
+
+    added = names(spec.cap_add)
+    host: dict[str, Any] = {
+        # Asked for back wins over dropped: the engine would refuse the two together.
+        "CapDrop": sorted(set(names(spec.cap_drop)) - set(added)),
+        "CapAdd": sorted(set(added)),
+        "SecurityOpt": ["no-new-privileges:true"] if spec.no_new_privileges else [],
+        "ReadonlyRootfs": spec.read_only,
+    }
+    if spec.pids_limit is not None:
+        host["PidsLimit"] = spec.pids_limit
+    if spec.log_max_size_mib is not None:
+        host["LogConfig"] = {
+            "Type": "json-file",
+            "Config": {
+                "max-size": f"{spec.log_max_size_mib}m",
+                "max-file": str(spec.log_max_files),
+            },
+        }
+    if spec.read_only:
+        host["Tmpfs"] = {"/tmp": f"rw,nosuid,nodev,mode=1777,size={spec.tmp_size_mib}m"}
+    return host
 
 
 def _container_info(data: Mapping[str, Any]) -> ContainerInfo:

@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from dockyard.containers.runtime import ContainerRuntime
+from dockyard.containers.runtime import ImageStore
 from dockyard.errors import ImageError
 
 # Dockyard's own state, VCS metadata and Python caches never belong in a build context;
@@ -202,7 +202,7 @@ def image_tag(app: str, class_name: str, digest: str) -> str:
 
 
 async def ensure_image(
-    runtime: ContainerRuntime,
+    runtime: ImageStore,
     *,
     app: str,
     class_name: str,

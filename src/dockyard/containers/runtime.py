@@ -1,9 +1,47 @@
-"""The one interface Dockyard uses to talk to a container engine.
+"""The interface Dockyard uses to talk to a container engine, split by concern.
 
-Everything above this module (the `Container` object, the CLI, the platform) sees only
-these dataclasses and the `ContainerRuntime` protocol; `docker.py` implements it on the
-Docker Engine API, and tests may pass a small fake instead. Implementations raise only
-`dockyard.errors.ContainerError` and its subclasses.
+Everything above this module (the supervisor, the CLI, the platform) sees only these
+dataclasses and the protocols below; `docker.py` implements them on the Docker Engine
+API, and tests may pass a small fake that implements only the concern it needs:
+
+    ImageStore           build_image, image_id
+    ContainerLifecycle   run, inspect, wait, signal, stop, pause, unpause, set_cpu_limit,
+                         kill, remove, list, engine_info
+    ContainerExec        exec, exec_stream
+    ContainerLogs        logs
+    ContainerRuntime     all four, plus capabilities and aclose (what the node holds)
+
+Implementations raise only `dockyard.errors.ContainerError` and its subclasses.
+
+Engine outages. An engine that cannot be reached (socket gone, connection refused or
+cut mid-answer) is `EngineUnavailable`, from every method, and is never taken for a
+container's state: `inspect` returns None and `wait` raises `ContainerGone` only when the
+engine itself said the container does not exist; `wait` returns only an exit status the
+engine reported; `list` never answers "no containers" for "no engine". A caller that sees
+`EngineUnavailable` knows nothing about its containers and should retry with back-off.
+
+Hardening. Every container runs with these defaults (fields of `ContainerSpec`, each
+overridable per spec):
+- `no_new_privileges`: setuid binaries cannot raise a process's privileges.
+- `cap_drop`: `DEFAULT_CAP_DROP` on top of the engine's default set. What stays is what a
+  web server and its entrypoint use: binding ports below 1024 (NET_BIND_SERVICE), dropping
+  to another user (SETUID, SETGID), chown/chmod of its own files (CHOWN, DAC_OVERRIDE,
+  FOWNER, FSETID) and signalling its children (KILL). Dropped: NET_RAW (raw sockets:
+  ARP/ICMP spoofing of neighbours), MKNOD (device nodes), AUDIT_WRITE, SETFCAP and SETPCAP
+  (granting file or process capabilities), SYS_CHROOT. A class that needs one back names
+  it in `cap_add` (e.g. ``cap_add=("NET_RAW",)`` for ping); `cap_add` wins over `cap_drop`.
+- `pids_limit`: a fork bomb stops at this many processes (the platform passes one per
+  instance type).
+- `log_max_size_mib` x `log_max_files`: the engine's json-file log driver rotates, so a
+  chatty container cannot fill the host's disk (10 MiB x 3 by default).
+- `read_only` (off by default): a read-only root filesystem, with a writable tmpfs on
+  /tmp of `tmp_size_mib` (counted against the container's memory limit).
+- User namespace remapping is an engine-wide setting, not a per-container one: root in a
+  container is then an unprivileged uid on the host. Enable it in
+  /etc/docker/daemon.json with ``{"userns-remap": "default"}`` and restart dockerd (the
+  engine creates the `dockremap` user and needs entries in /etc/subuid and /etc/subgid;
+  images are stored separately per mapping, so they are rebuilt once).
+  `engine_info().userns_remap` tells whether the engine runs with it.
 """
 
 from __future__ import annotations
@@ -15,6 +53,41 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
+
+__all__ = [
+    "DEFAULT_CAP_DROP",
+    "DEFAULT_LOG_MAX_FILES",
+    "DEFAULT_LOG_MAX_SIZE_MIB",
+    "DEFAULT_PIDS_LIMIT",
+    "DEFAULT_TMP_SIZE_MIB",
+    "ContainerExec",
+    "ContainerInfo",
+    "ContainerLifecycle",
+    "ContainerLogs",
+    "ContainerRuntime",
+    "ContainerSpec",
+    "EngineInfo",
+    "ExecProcess",
+    "ExecResult",
+    "ExitStatus",
+    "ImageStore",
+    "RuntimeCapabilities",
+]
+
+# Capabilities removed from the engine's default set (see the module docstring for why
+# these, and for what stays).
+DEFAULT_CAP_DROP: tuple[str, ...] = (
+    "AUDIT_WRITE",
+    "MKNOD",
+    "NET_RAW",
+    "SETFCAP",
+    "SETPCAP",
+    "SYS_CHROOT",
+)
+DEFAULT_PIDS_LIMIT = 512
+DEFAULT_LOG_MAX_SIZE_MIB = 10
+DEFAULT_LOG_MAX_FILES = 3
+DEFAULT_TMP_SIZE_MIB = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +113,19 @@ class ContainerSpec:
     # Run a tiny init as PID 1 that forwards signals and reaps zombies, so SIGTERM stops
     # servers that install no handler of their own (PID 1 ignores unhandled signals).
     init: bool = True
+    # Hardening (module docstring): each default is what a web server needs, no more.
+    no_new_privileges: bool = True
+    # Capability names without the CAP_ prefix, as the engine spells them.
+    cap_drop: Sequence[str] = DEFAULT_CAP_DROP
+    cap_add: Sequence[str] = ()
+    # None: no limit on the number of processes.
+    pids_limit: int | None = DEFAULT_PIDS_LIMIT
+    # None: the engine's own log settings (no rotation with json-file's defaults).
+    log_max_size_mib: int | None = DEFAULT_LOG_MAX_SIZE_MIB
+    log_max_files: int = DEFAULT_LOG_MAX_FILES
+    read_only: bool = False
+    # Size of the tmpfs on /tmp that a read-only container gets.
+    tmp_size_mib: int = DEFAULT_TMP_SIZE_MIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +164,20 @@ class RuntimeCapabilities:
     disk_limit: bool | None
     # Whether `enable_internet=False` is enforced at all by this runtime.
     internet_isolation: bool
+    # Whether a host firewall rule refuses whatever a no-internet container sends out
+    # (not only the missing NAT); None until the first such container ran.
+    egress_firewall: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """The engine host, so instance types can be capped to what it has."""
+
+    cpus: int
+    memory_bytes: int
+    version: str
+    # Whether the engine runs with user namespace remapping (module docstring).
+    userns_remap: bool
 
 
 class ExecProcess(Protocol):
@@ -106,27 +206,8 @@ class ExecProcess(Protocol):
 
 
 @runtime_checkable
-class ContainerRuntime(Protocol):
-    """A container engine. Every method raises only `ContainerError` subclasses:
-    `EngineUnavailable` (no engine answering), `ImageError`, `StartFailed`,
-    `ContainerGone` (the container no longer exists) or plain `ContainerError`.
-    """
-
-    @property
-    def capabilities(self) -> RuntimeCapabilities: ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-    # Images
+class ImageStore(Protocol):
+    """Images on the engine. Nothing is ever pulled from a registry."""
 
     async def build_image(
         self,
@@ -148,7 +229,11 @@ class ContainerRuntime(Protocol):
         """The image's id (``sha256:…``), or None when the engine does not have it."""
         ...
 
-    # Containers
+
+@runtime_checkable
+class ContainerLifecycle(Protocol):
+    """Create, watch, signal and remove containers. Any method raises `EngineUnavailable`
+    when the engine cannot be reached; see "Engine outages" in the module docstring."""
 
     async def run(self, spec: ContainerSpec) -> ContainerInfo:
         """Create and start a container; the result knows its host ports.
@@ -160,13 +245,19 @@ class ContainerRuntime(Protocol):
         ...
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:
-        """The container's current state, or None when it no longer exists."""
+        """The container's current state, or None when the engine says it does not exist.
+
+        Raises `EngineUnavailable` when the engine cannot be asked (never None then).
+        """
         ...
 
     async def wait(self, container_id: str) -> ExitStatus:
         """Wait until the container is not running; returns at once if it already exited.
 
-        Raises `ContainerGone` if it does not exist when called.
+        Returns only an exit status the engine reported. Raises `ContainerGone` if the
+        container does not exist when called, and `EngineUnavailable` when the engine
+        cannot be reached or goes away while waiting: the container may well still run,
+        so wait again once the engine is back.
         """
         ...
 
@@ -187,6 +278,10 @@ class ContainerRuntime(Protocol):
 
     async def unpause(self, container_id: str) -> None: ...
 
+    async def set_cpu_limit(self, container_id: str, vcpu: float) -> None:
+        """Change a running container's CPU quota (the end of a start boost)."""
+        ...
+
     async def kill(self, container_id: str) -> None:
         """SIGKILL now; a no-op when the container is not running."""
         ...
@@ -195,6 +290,22 @@ class ContainerRuntime(Protocol):
         """Remove the container, killing it if needed; a no-op when it is already gone."""
         ...
 
+    async def list(self, labels: Mapping[str, str]) -> builtins.list[ContainerInfo]:
+        """Every container, running or not, that carries ALL of `labels`.
+
+        Raises `EngineUnavailable` when the engine cannot be asked (never an empty list).
+        """
+        ...
+
+    async def engine_info(self) -> EngineInfo:
+        """The engine host's CPUs and memory, and how the engine runs."""
+        ...
+
+
+@runtime_checkable
+class ContainerExec(Protocol):
+    """Commands run inside a running container."""
+
     async def exec(
         self,
         container_id: str,
@@ -202,7 +313,13 @@ class ContainerRuntime(Protocol):
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
         user: str | None = None,
-    ) -> ExecResult: ...
+    ) -> ExecResult:
+        """Run `cmd` to its end; its output, split by stream, and its exit code.
+
+        Raises `ContainerError` when the container is not running, `ContainerGone` when
+        it does not exist.
+        """
+        ...
 
     def exec_stream(
         self,
@@ -211,7 +328,14 @@ class ContainerRuntime(Protocol):
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
         user: str | None = None,
-    ) -> ExecProcess: ...
+    ) -> ExecProcess:
+        """`cmd` with its output streamed as it comes (see `ExecProcess`)."""
+        ...
+
+
+@runtime_checkable
+class ContainerLogs(Protocol):
+    """What containers print."""
 
     def logs(
         self, container_id: str, follow: bool = False, tail: int | None = None
@@ -222,6 +346,25 @@ class ContainerRuntime(Protocol):
         """
         ...
 
-    async def list(self, labels: Mapping[str, str]) -> builtins.list[ContainerInfo]:
-        """Every container, running or not, that carries ALL of `labels`."""
-        ...
+
+@runtime_checkable
+class ContainerRuntime(ImageStore, ContainerLifecycle, ContainerExec, ContainerLogs, Protocol):
+    """A whole container engine, as the node holds it. Every method raises only
+    `ContainerError` subclasses: `EngineUnavailable` (no engine answering), `ImageError`,
+    `StartFailed`, `ContainerGone` (the container no longer exists) or plain
+    `ContainerError`.
+    """
+
+    @property
+    def capabilities(self) -> RuntimeCapabilities: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def aclose(self) -> None: ...
