@@ -70,7 +70,9 @@ async def test_evicted_objects_close_their_storage(tmp_path: Path) -> None:
         ns = host.namespace("Visited")
         fds = open_fds()
         await asyncio.gather(*(ns.get_by_name(f"w{i}").write() for i in range(200)))
-        assert open_fds() >= fds + 200  # each live object holds its SQLite file open
+        # live objects hold their SQLite files open (some may already be evicted on a
+        # loaded machine: the idle timeout is short)
+        assert open_fds() > fds
         await wait_for(lambda: host.live_count() == 0, within=10)
         assert open_fds() <= fds
         assert len(list((tmp_path / "objects" / "Visited").glob("*.sqlite"))) == 200

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,18 @@ async def storage(host: ObjectHost) -> DurableObjectStorage:
     return await host.namespace("Box").get_by_name("s").storage_of()
 
 
-values = st.recursive(
+hashables = (
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False)
     | st.text()
-    | st.binary(),
+    | st.binary()
+    | st.datetimes()
+    | st.datetimes(timezones=st.just(UTC))
+)
+values = st.recursive(
+    hashables | st.sets(hashables, max_size=5),
     lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
     max_leaves=20,
 )
@@ -61,15 +66,40 @@ def test_codec_keeps_types_and_tag_like_dicts() -> None:
     assert math.isnan(decode(encode(float("nan"), "k")))
 
 
-@pytest.mark.parametrize("bad", [(1, 2), {1, 2}, object(), {1: "x"}, [datetime.now()]])
+def test_codec_keeps_what_structured_clone_keeps() -> None:
+    aware = datetime(2026, 11, 28, 3, 4, 5, 678901, tzinfo=timezone(timedelta(hours=5)))
+    naive = datetime(1999, 12, 31, 23, 59, 59)
+    huge = 7**20000  # far beyond the 4,300 digits Python turns into JSON text
+    for value in [
+        aware,
+        naive,
+        {1, "a", b"b", None, 2.5, naive},
+        set(),
+        huge,
+        -huge,
+        2**64,
+        "lone \ud800 surrogate",
+        {"when": [aware], "tags": {"x"}, "$t": "not a tag"},
+    ]:
+        back = decode(encode(value, "k"))
+        assert back == value and type(back) is type(value)
+    assert decode(encode(aware, "k")).utcoffset() == timedelta(hours=5)
+    assert decode(encode(naive, "k")).tzinfo is None
+
+
+@pytest.mark.parametrize(
+    "bad", [(1, 2), frozenset({1}), object(), {1: "x"}, [date(2026, 1, 1)], {(1, 2)}]
+)
 def test_codec_refuses_other_types_naming_type_and_key(bad: Any) -> None:
     with pytest.raises(StorageError, match=r"'my-key'") as info:
         encode(bad, "my-key")
     assert (
         type(bad).__name__ in str(info.value)
         or "dict key" in str(info.value)
-        or ("datetime" in str(info.value))
+        or "date" in str(info.value)
+        or "tuple" in str(info.value)
     )
+    assert "datetime" in str(info.value) or "dict key" in str(info.value)
 
 
 async def test_kv_get_put_delete(storage: DurableObjectStorage) -> None:
@@ -118,8 +148,10 @@ async def test_kv_limits_and_bad_arguments(storage: DurableObjectStorage) -> Non
         await storage.put(1, 1)  # type: ignore[arg-type]
     with pytest.raises(StorageError, match="needs a value"):
         await storage.put("x")
-    with pytest.raises(StorageError, match=r"set.*'s'"):
-        await storage.put("s", {1})
+    with pytest.raises(StorageError, match=r"tuple.*'s'"):
+        await storage.put("s", (1,))
+    with pytest.raises(StorageError, match="lone surrogate"):
+        await storage.put("\udc80", 1)
     # a refused entry in a batch writes nothing
     with pytest.raises(StorageError):
         await storage.put({"ok": 1, "bad": object()})
@@ -290,3 +322,15 @@ async def test_alarm_api(storage: DurableObjectStorage) -> None:
     assert await storage.get_alarm() is None
     with pytest.raises(StorageError, match="epoch milliseconds"):
         await storage.set_alarm("soon")  # type: ignore[arg-type]
+
+
+async def test_lone_surrogates_in_sql_are_a_storage_error(storage: DurableObjectStorage) -> None:
+    with pytest.raises(StorageError, match="lone surrogate"):
+        storage.sql.exec("SELECT ?", "bad \ud800")
+    with pytest.raises(StorageError, match="lone surrogate"):
+        storage.sql.exec("SELECT '\udfff'")
+    with pytest.raises(StorageError, match="lone surrogate"):
+        await storage.list(prefix="\ud800")
+    # a value may hold one: it round-trips
+    await storage.put("k", "a\ud800b")
+    assert await storage.get("k") == "a\ud800b"

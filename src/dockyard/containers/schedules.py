@@ -1,4 +1,11 @@
-"""``Container.schedule``: one-off method calls stored in the object's own SQLite."""
+"""``Container.schedule``: one-off method calls stored in the object's own SQLite.
+
+The rows live in the internal table ``_dockyard_schedules``, which user SQL can neither
+read nor change and ``storage.delete_all()`` leaves alone. Releases before it kept them
+in a user table, ``container_schedules``; its rows move over (and the old table goes)
+the first time the internal table is made, so a user table of that name created later
+is the user's own.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from ..objects.internal import InternalStore, internal_store
+from ..objects.sql import SqlStorage
+
 __all__ = ["Schedule", "ScheduleTable"]
 
-TABLE = "container_schedules"
+TABLE = "_dockyard_schedules"
+OLD_TABLE = "container_schedules"
+_COLUMNS = ("id", "callback", "payload", "type", "time", "delay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +50,38 @@ def due_time(when: datetime | float | int) -> tuple[float, Literal["scheduled", 
 
 
 class ScheduleTable:
-    """The rows of ``container_schedules`` through the object's synchronous SQL API."""
+    """The schedule rows of one object, through its internal SQL.
 
-    def __init__(self, sql: Any) -> None:
-        self.sql = sql
-        sql.exec(
-            f"CREATE TABLE IF NOT EXISTS {TABLE} ("
-            " id TEXT PRIMARY KEY, callback TEXT NOT NULL, payload TEXT,"
-            " type TEXT NOT NULL, time REAL NOT NULL, delay REAL)"
+    Takes the object's storage (``ctx.storage``); its ``storage.sql`` is accepted too.
+    """
+
+    def __init__(self, storage: Any) -> None:
+        store = storage if isinstance(storage, SqlStorage) else storage.internal
+        self.sql: InternalStore = internal_store(store) if isinstance(store, SqlStorage) else store
+        exists = self.sql.exec(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", TABLE
+        ).to_array()
+        if exists:
+            return
+        with self.sql.atomic():
+            self.sql.exec(
+                f"CREATE TABLE IF NOT EXISTS {TABLE} ("
+                " id TEXT PRIMARY KEY, callback TEXT NOT NULL, payload TEXT,"
+                " type TEXT NOT NULL, time REAL NOT NULL, delay REAL)"
+            )
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Move the rows of the user table older releases used, if it is theirs."""
+        columns = tuple(
+            row["name"]
+            for row in self.sql.exec(f"SELECT name FROM pragma_table_info('{OLD_TABLE}')")
         )
+        if columns != _COLUMNS:
+            return
+        names = ", ".join(_COLUMNS)
+        self.sql.exec(f"INSERT OR IGNORE INTO {TABLE} ({names}) SELECT {names} FROM {OLD_TABLE}")
+        self.sql.exec(f"DROP TABLE {OLD_TABLE}")
 
     def add(self, when: datetime | float | int, callback: str, payload: Any) -> Schedule:
         at, kind = due_time(when)

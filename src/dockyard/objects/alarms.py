@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import private_dir, private_file
+
 __all__ = ["AlarmInfo", "AlarmScheduler", "AlarmSlot", "retry_delay"]
 
 log = logging.getLogger("dockyard.objects")
@@ -68,7 +70,8 @@ class _Index:
     @property
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
+            private_file(self.path)
             conn = sqlite3.connect(self.path, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -127,6 +130,7 @@ class AlarmScheduler:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        private_dir(self._dir)
         if self._dir.is_dir():
             for path in sorted(self._dir.glob(f"*/{INDEX_FILE}")):
                 class_name = path.parent.name

@@ -4,6 +4,12 @@ An id is 32 bytes: a 16-byte body and a 16-byte tag, ``HMAC-SHA256(key, body)``,
 key is the app and class name. A named id's body is ``HMAC-SHA256(key, name)``, so
 ``id_from_name`` is deterministic and stable across restarts; a unique id's body is random.
 The tag lets ``id_from_string`` refuse an id that another namespace made.
+
+Names are at most 1024 bytes of UTF-8 (Cloudflare documents no limit). A name is an
+address, not data: 1 KiB holds any URL path, e-mail address, user or tenant id with
+room to spare, while it keeps every place a name is held (the id cache, stubs, the alarm
+index, log lines) small. A longer name, or one that is not valid Unicode (a lone
+surrogate), is ``InvalidObjectName`` (400).
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import hmac
 import re
 import secrets
 
-from dockyard.errors import InvalidObjectId
+from dockyard.errors import InvalidObjectId, InvalidObjectName
 
-__all__ = ["DurableObjectId", "IdFactory"]
+__all__ = ["MAX_NAME_BYTES", "DurableObjectId", "IdFactory"]
+
+MAX_NAME_BYTES = 1024
 
 _HEX_ID = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -53,13 +61,17 @@ class IdFactory:
     """Makes and checks the ids of one namespace (one app, one class)."""
 
     # Named ids are asked for on every request (get_container(env.X, name)); two HMACs
-    # per call showed up in profiles, so recent names are remembered.
+    # per call showed up in profiles, so recent names are remembered: up to 4096 of them
+    # and about 1 MiB (each entry counted as its name's bytes plus 256 for the id).
     NAME_CACHE_SIZE = 4096
+    NAME_CACHE_BYTES = 1024 * 1024
+    _ENTRY_OVERHEAD = 256
 
     def __init__(self, app: str, class_name: str) -> None:
         self.class_name = class_name
         self._key = f"{app}\x00{class_name}".encode()
         self._named: dict[str, DurableObjectId] = {}
+        self._named_bytes = 0
 
     def _mac(self, message: bytes) -> bytes:
         return hmac.new(self._key, message, hashlib.sha256).digest()[:16]
@@ -69,13 +81,19 @@ class IdFactory:
         return DurableObjectId((body + tag).hex(), name, self.class_name)
 
     def from_name(self, name: str) -> DurableObjectId:
-        if not isinstance(name, str):
-            raise InvalidObjectId(f"an object name must be a str, got {type(name).__name__}")
-        cached = self._named.get(name)
+        cached = self._named.get(name) if type(name) is str else None
         if cached is None:
-            if len(self._named) >= self.NAME_CACHE_SIZE:
+            raw = _name_bytes(name)
+            cached = self._make(self._mac(b"name:" + raw), name)
+            cost = len(raw) + self._ENTRY_OVERHEAD
+            if (
+                len(self._named) >= self.NAME_CACHE_SIZE
+                or self._named_bytes + cost > self.NAME_CACHE_BYTES
+            ):
                 self._named.clear()
-            cached = self._named[name] = self._make(self._mac(b"name:" + name.encode()), name)
+                self._named_bytes = 0
+            self._named[name] = cached
+            self._named_bytes += cost
         return cached
 
     def unique(self) -> DurableObjectId:
@@ -98,3 +116,31 @@ class IdFactory:
 
     def owns(self, object_id: DurableObjectId) -> bool:
         return object_id.namespace == self.class_name
+
+
+def _name_bytes(name: object) -> bytes:
+    if not isinstance(name, str):
+        raise InvalidObjectName(f"an object name must be a str, got {type(name).__name__}")
+    if len(name) > MAX_NAME_BYTES:  # each character is at least one byte
+        raise InvalidObjectName(_too_long(name, f"{len(name)} characters"))
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError as error:
+        raise InvalidObjectName(
+            f"object name {_shown(name)} is not valid Unicode: it holds a lone surrogate "
+            f"at position {error.start}"
+        ) from None
+    if len(raw) > MAX_NAME_BYTES:
+        raise InvalidObjectName(_too_long(name, f"{len(raw)} bytes"))
+    return raw
+
+
+def _too_long(name: str, size: str) -> str:
+    return (
+        f"object name {_shown(name)} is {size}; names are at most {MAX_NAME_BYTES} bytes of UTF-8"
+    )
+
+
+def _shown(name: str) -> str:
+    text = ascii(name[:40])
+    return text if len(name) <= 40 else text[:-1] + "..." + text[-1]

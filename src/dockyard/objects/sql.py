@@ -2,12 +2,17 @@
 
 The file opens lazily (an object that never writes never gets a file) in WAL mode with
 ``synchronous=FULL`` and autocommit, so every statement outside an explicit transaction
-is on disk when ``exec`` returns.
+is on disk when ``exec`` returns. Files are created 0600 in folders made 0700 (SQLite
+gives the ``-wal`` and ``-shm`` files the mode of the database file).
 
 User SQL runs under an SQLite authorizer that refuses transaction control (use
 ``storage.transaction_sync`` / ``storage.transaction``), ATTACH/DETACH, durability
-pragmas, and any write or schema change touching a ``_dockyard_`` table. Reading the
-internal tables (e.g. ``SELECT * FROM _dockyard_kv``) is allowed.
+pragmas, and any write or schema change touching a ``_dockyard_`` table. Of the internal
+tables, user SQL may read only ``_dockyard_kv`` (the user's own keys); the others hold
+Dockyard's state (``storage.internal``, container schedules) and stay out of reach.
+
+Open connections are bounded by ``files.OpenFiles``: an idle one may be closed, and
+reopens on its next use.
 """
 
 from __future__ import annotations
@@ -19,9 +24,21 @@ from typing import Any
 
 from dockyard.errors import StorageError
 
-__all__ = ["INTERNAL_PREFIX", "Database", "SqlCursor", "SqlStorage"]
+from .files import OpenFiles, default_open_files, private_dir, private_file
+
+__all__ = [
+    "INTERNAL_PREFIX",
+    "Database",
+    "OpenFiles",
+    "SqlCursor",
+    "SqlRow",
+    "SqlStorage",
+    "default_open_files",
+]
 
 INTERNAL_PREFIX = "_dockyard_"
+# The one internal table user SQL may read: it holds the user's own KV data.
+USER_READABLE = "_dockyard_kv"
 # User statements get this prefix so SQLite's statement cache never hands a user query a
 # statement that was prepared (and authorized) as an internal one with the same text.
 _USER_MARK = "/*user*/ "
@@ -29,7 +46,9 @@ _MAX_SHOWN = 120
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS _dockyard_kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) "
-    "WITHOUT ROWID"
+    "WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS _dockyard_internal (key TEXT PRIMARY KEY, value BLOB NOT NULL) "
+    "WITHOUT ROWID",
 )
 _TRANSACTION_HINT = (
     "is not allowed in sql.exec(): use storage.transaction_sync(fn) or "
@@ -56,6 +75,14 @@ def _refusal(action: int, arg1: str | None, arg2: str | None) -> str | None:
         if (arg1 or "").lower() in _GUARDED_PRAGMAS and arg2 is not None:
             return f"PRAGMA {arg1} cannot be changed: storage durability depends on it"
         return None
+    if action == sqlite3.SQLITE_READ:
+        table = (arg1 or "").lower()
+        if table.startswith(INTERNAL_PREFIX) and table != USER_READABLE:
+            return (
+                f"{arg1} is internal to Dockyard: user SQL cannot read it (of the "
+                f"{INTERNAL_PREFIX}* tables only {USER_READABLE} is readable)"
+            )
+        return None
     if action in _READ_ACTIONS:
         return None
     for name in (arg1, arg2):
@@ -73,10 +100,11 @@ def _shown(query: str) -> str:
 
 
 class Database:
-    """The lazily opened SQLite connection of one object."""
+    """The lazily opened SQLite connection of one object (reopened after an idle close)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, files: OpenFiles | None = None) -> None:
         self.path = path
+        self._files = default_open_files if files is None else files
         self._conn: sqlite3.Connection | None = None
         self._user = False
         self._refused: str | None = None
@@ -88,32 +116,55 @@ class Database:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
+        conn = self._conn
+        if conn is None:
             if self.closed:
                 raise StorageError(
                     f"storage {self.path.name} is closed: the object was reset, evicted or "
                     f"its host stopped"
                 )
-            self._conn = self._open()
-        return self._conn
+            conn = self._conn = self._open()
+            self._files.opened(self)
+        else:
+            self._files.touch(self)
+        return conn
 
     def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            private_dir(self.path.parent)
+            private_file(self.path)
+        except OSError as error:
+            raise StorageError(f"cannot open storage {self.path}: {error}") from error
         # timeout=0: a second connection (an instance being retired) never blocks the loop.
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=0.0)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=0.0)
+        except sqlite3.Error as error:
+            raise StorageError(f"cannot open storage {self.path}: {error}") from error
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(_SCHEMA)
+            for statement in _SCHEMA:
+                conn.execute(statement)
         except sqlite3.Error as error:
             conn.close()
             raise StorageError(f"cannot open storage {self.path}: {error}") from error
         conn.set_authorizer(self._authorize)
         return conn
 
+    def release_idle(self) -> bool:
+        """Close the connection if no transaction is open on it; it reopens on next use."""
+        conn = self._conn
+        if conn is None or conn.in_transaction:
+            return False
+        self._conn = None
+        self._files.closed(self)
+        conn.close()
+        return True
+
     def close(self) -> None:
         self.closed = True
         if self._conn is not None:
+            self._files.closed(self)
             self._conn.close()
             self._conn = None
 
@@ -139,8 +190,25 @@ class Database:
             if self._refused is not None:
                 raise StorageError(f"{self._refused} (in {_shown(query)!r})") from None
             raise StorageError(f"SQL error: {error} (in {_shown(query)!r})") from error
+        except UnicodeEncodeError as error:
+            raise StorageError(
+                f"SQL text and bound strings must be valid Unicode (a lone surrogate at "
+                f"position {error.start}?) (in {_shown(query)!r})"
+            ) from None
         finally:
             self._user = False
+        columns = [d[0] for d in cursor.description or ()]
+        return SqlCursor(columns, rows, conn.total_changes - before)
+
+    def run_internal(self, query: str, bindings: tuple[Any, ...] = ()) -> SqlCursor:
+        """Dockyard's own SQL: no authorizer limits, errors still become StorageError."""
+        conn = self.conn
+        before = conn.total_changes
+        try:
+            cursor = conn.execute(query, bindings)
+            rows = cursor.fetchall()
+        except sqlite3.Error as error:
+            raise StorageError(f"SQL error: {error} (in {_shown(query)!r})") from error
         columns = [d[0] for d in cursor.description or ()]
         return SqlCursor(columns, rows, conn.total_changes - before)
 
@@ -172,11 +240,24 @@ class Database:
             self._conn.execute(f"RELEASE {savepoint}")
 
 
+class SqlRow(dict[str, Any]):
+    """One result row: a dict (``row["name"]``) whose columns also read as attributes."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"the row has no column {name!r}") from None
+
+
 class SqlCursor:
-    """The result of one ``sql.exec``: an iterator of dict rows, consumed once.
+    """The result of one ``sql.exec``: an iterator of rows (``SqlRow``), consumed once.
 
     ``rows_read`` counts the rows returned (SQLite's scan counters are not reachable from
-    Python); ``rows_written`` counts rows inserted, updated or deleted.
+    Python); ``rows_written`` counts rows inserted, updated or deleted. Cloudflare's names
+    (``toArray``, ``columnNames``, ``rowsRead``, ``rowsWritten``) are aliases.
     """
 
     def __init__(self, columns: list[str], rows: list[tuple[Any, ...]], written: int) -> None:
@@ -186,28 +267,43 @@ class SqlCursor:
         self.rows_read = len(rows)
         self.rows_written = written
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[SqlRow]:
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> SqlRow:
         if self._next >= len(self._rows):
             raise StopIteration
         row = self._rows[self._next]
         self._next += 1
-        return dict(zip(self.column_names, row, strict=True))
+        return SqlRow(zip(self.column_names, row, strict=True))
 
-    def to_array(self) -> list[dict[str, Any]]:
+    def to_array(self) -> list[SqlRow]:
         return list(self)
 
     def raw(self) -> Iterator[tuple[Any, ...]]:
         rows, self._next = self._rows[self._next :], len(self._rows)
         return iter(rows)
 
-    def one(self) -> dict[str, Any]:
+    def one(self) -> SqlRow:
         rows = self.to_array()
         if len(rows) != 1:
             raise StorageError(f"expected exactly one row, the query returned {len(rows)}")
         return rows[0]
+
+    # Cloudflare's spelling.
+    toArray = to_array
+
+    @property
+    def columnNames(self) -> list[str]:
+        return self.column_names
+
+    @property
+    def rowsRead(self) -> int:
+        return self.rows_read
+
+    @property
+    def rowsWritten(self) -> int:
+        return self.rows_written
 
 
 class SqlStorage:
@@ -227,3 +323,7 @@ class SqlStorage:
         (pages,) = conn.execute("PRAGMA page_count").fetchone()
         (size,) = conn.execute("PRAGMA page_size").fetchone()
         return int(pages) * int(size)
+
+    @property
+    def databaseSize(self) -> int:
+        return self.database_size

@@ -7,7 +7,10 @@ with ``synchronous=FULL`` before it returns (the output gate): a response that f
 an acknowledged write can never outlive it in a crash.
 
 Keys are ``str`` of at most 2 KiB (UTF-8); key plus encoded value are at most 2 MiB.
-Values are encoded as described in ``dockyard.objects.codec``.
+Values are encoded as described in ``dockyard.objects.codec``. ``storage.internal``
+holds Dockyard's own state apart from the user's keys (see ``internal``). Cloudflare's
+camelCase names (``deleteAll``, ``getAlarm``, ``setAlarm``, ``deleteAlarm``,
+``transactionSync``) are aliases of the snake_case methods.
 """
 
 from __future__ import annotations
@@ -23,30 +26,19 @@ from typing import Any, TypeVar
 from dockyard.errors import StorageError
 
 from .alarms import AlarmSlot
-from .codec import decode, encode, show_key
-from .sql import INTERNAL_PREFIX, Database, SqlStorage
+from .codec import check_key, decode, encode, show_key
+from .internal import InternalStore
+from .sql import INTERNAL_PREFIX, Database, OpenFiles, SqlStorage
 
 __all__ = ["DurableObjectStorage", "KeyValueStore"]
 
 T = TypeVar("T")
-MAX_KEY_BYTES = 2 * 1024
 MAX_ENTRY_BYTES = 2 * 1024 * 1024
 _MISSING: Any = object()
 
 
-def _check_key(key: object) -> bytes:
-    if type(key) is not str:
-        raise StorageError(f"storage keys must be str, got {type(key).__name__} ({key!r})")
-    raw = key.encode()
-    if len(raw) > MAX_KEY_BYTES:
-        raise StorageError(
-            f"key {show_key(key)} is {len(raw)} bytes; keys are at most {MAX_KEY_BYTES} bytes"
-        )
-    return raw
-
-
 def _entry(key: str, value: Any) -> tuple[str, bytes]:
-    size = len(_check_key(key))
+    size = len(check_key(key))
     data = encode(value, key)
     if size + len(data) > MAX_ENTRY_BYTES:
         raise StorageError(
@@ -61,7 +53,7 @@ def _keys(keys: Iterable[str]) -> list[str]:
         raise StorageError("pass one key as a str or several keys as a list")
     out = list(keys)
     for key in out:
-        _check_key(key)
+        check_key(key)
     return out
 
 
@@ -101,7 +93,7 @@ class KeyValueStore:
 
     def get(self, key: str | Iterable[str]) -> Any:
         if isinstance(key, str):
-            _check_key(key)
+            check_key(key)
             if not self._db.exists():
                 return None
             row = self._db.conn.execute(
@@ -137,7 +129,7 @@ class KeyValueStore:
 
     def delete(self, key: str | Iterable[str]) -> bool | int:
         if isinstance(key, str):
-            _check_key(key)
+            check_key(key)
             if not self._db.exists():
                 return False
             cursor = self._db.conn.execute("DELETE FROM _dockyard_kv WHERE key = ?", (key,))
@@ -163,7 +155,7 @@ class KeyValueStore:
         args: list[Any] = []
         for bound, op in ((start, ">="), (start_after, ">"), (end, "<"), (prefix, ">=")):
             if bound is not None:
-                _check_key(bound)
+                check_key(bound)
                 where.append(f"key {op} ?")
                 args.append(bound)
         if prefix:
@@ -185,7 +177,7 @@ class KeyValueStore:
         return {k: decode(v) for k, v in self._db.conn.execute(sql, args)}
 
     def delete_all_data(self) -> None:
-        """Drop every key and every user table and view; internal tables stay (emptied)."""
+        """Drop every key and every user table and view; the other internal tables stay."""
         if not self._db.exists():
             return
         conn = self._db.conn
@@ -220,12 +212,14 @@ class DurableObjectStorage:
         path: Path,
         alarm: AlarmSlot,
         hold: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+        open_files: OpenFiles | None = None,
     ) -> None:
-        self._db = Database(path)
+        self._db = Database(path, open_files)
         self._alarm = alarm
         self._hold = hold
         self.kv = KeyValueStore(self._db)
         self.sql = SqlStorage(self._db)
+        self.internal = InternalStore(self._db)
 
     @property
     def path(self) -> Path:
@@ -258,7 +252,12 @@ class DurableObjectStorage:
         end: str | None = None,
         reverse: bool = False,
         limit: int | None = None,
+        startAfter: str | None = None,  # Cloudflare's spelling of start_after
     ) -> dict[str, Any]:
+        if startAfter is not None:
+            if start_after is not None:
+                raise StorageError("list(): give start_after or startAfter, not both")
+            start_after = startAfter
         return self.kv.list(
             prefix=prefix,
             start=start,
@@ -269,9 +268,11 @@ class DurableObjectStorage:
         )
 
     async def delete_all(self) -> None:
-        """Delete every key, every user SQL table and the alarm."""
+        """Delete every key, every user SQL table and the alarm (``storage.internal`` and
+        other internal tables stay)."""
         self.kv.delete_all_data()
         self._alarm.delete()
+        await self.internal.deleted_all()
 
     async def sync(self) -> None:
         """Writes are durable when they return; nothing is left to wait for."""
@@ -324,3 +325,11 @@ class DurableObjectStorage:
 
     async def delete_alarm(self) -> None:
         self._alarm.delete()
+
+    # -- Cloudflare's spelling ----------------------------------------------------------
+
+    deleteAll = delete_all
+    transactionSync = transaction_sync
+    getAlarm = get_alarm
+    setAlarm = set_alarm
+    deleteAlarm = delete_alarm
