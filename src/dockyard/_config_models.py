@@ -257,10 +257,79 @@ class DevConfig(_Model):
     port: Port = 8787
 
 
+class KvNamespace(_Model):
+    binding: Annotated[str, AfterValidator(_identifier)]
+    id: NonEmptyStr | None = None
+    preview_id: str | None = None
+
+
+class D1Database(_Model):
+    unsupported_keys = frozenset({"remote"})
+
+    binding: Annotated[str, AfterValidator(_identifier)]
+    database_name: NonEmptyStr | None = None
+    database_id: str | None = None
+    preview_database_id: str | None = None
+    migrations_dir: NonEmptyStr = "migrations"
+    migrations_table: NonEmptyStr = "d1_migrations"
+
+    @property
+    def name(self) -> str:
+        """What `dockyard d1 ... NAME` and the local file are called: the database name."""
+        return self.database_name or self.binding
+
+
+def _cron(value: Any) -> str:
+    from dockyard.bindings.cron import CronError, parse_cron
+
+    if not isinstance(value, str):
+        raise _fail("expected a cron expression string")
+    try:
+        parse_cron(value)
+    except CronError as error:
+        raise _fail(f"invalid cron expression {value!r}: {error}") from None
+    return value
+
+
+class Triggers(_Model):
+    crons: list[Annotated[str, PlainValidator(_cron)]] = []
+
+
+def _run_worker_first(value: Any) -> bool | list[str]:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        for pattern in value:
+            if not pattern.lstrip("!").startswith("/"):
+                raise _fail(f'expected route patterns starting with "/" (or "!/"), got {pattern!r}')
+        return value
+    raise _fail('expected true, false or a list of route patterns like ["/api/*"]')
+
+
+class AssetsConfig(_Model):
+    directory: NonEmptyStr | None = None
+    binding: Annotated[str, AfterValidator(_identifier)] | None = None
+    not_found_handling: Annotated[
+        str,
+        _pattern(
+            "none|404-page|single-page-application",
+            '"none", "404-page" or "single-page-application"',
+        ),
+    ] = "none"
+    html_handling: Annotated[
+        str,
+        _pattern(
+            "auto-trailing-slash|force-trailing-slash|drop-trailing-slash|none",
+            '"auto-trailing-slash", "force-trailing-slash", "drop-trailing-slash" or "none"',
+        ),
+    ] = "auto-trailing-slash"
+    run_worker_first: Annotated[bool | list[str], PlainValidator(_run_worker_first)] = False
+
+
 class Config(_Model):
     unsupported_keys = frozenset(
-        "$schema account_id workers_dev preview_urls route routes kv_namespaces r2_buckets "
-        "d1_databases queues services triggers assets build env placement limits minify "
+        "$schema account_id workers_dev preview_urls route routes r2_buckets "
+        "queues services build placement limits minify "
         "keep_vars send_metrics upload_source_maps no_bundle rules".split()
     )
 
@@ -280,10 +349,15 @@ class Config(_Model):
     durable_objects: DurableObjects = DurableObjects()
     migrations: list[Migration] = []
     dev: DevConfig = DevConfig()
+    kv_namespaces: list[KvNamespace] = []
+    d1_databases: list[D1Database] = []
+    triggers: Triggers = Triggers()
+    assets: AssetsConfig | None = None
     # Not read from the file: filled in by load_config.
     project_dir: Path = Field(default_factory=Path, exclude=True)
     config_path: Path = Field(default_factory=lambda: Path(CONFIG_NAMES[0]), exclude=True)
     warnings: list[str] = Field(default_factory=list, exclude=True)
+    environment: str | None = Field(default=None, exclude=True)  # the env.<name> in use
     secrets: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterator
@@ -58,7 +59,7 @@ __all__ = [
     "load_config",
 ]
 
-_NOT_FROM_FILE = ("project_dir", "config_path", "warnings", "secrets")
+_NOT_FROM_FILE = ("project_dir", "config_path", "warnings", "secrets", "environment")
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -78,8 +79,14 @@ def find_config(project_dir: Path, explicit: Path | None = None) -> Path:
     raise ConfigError(f"no {', '.join(CONFIG_NAMES[:-1])} or {CONFIG_NAMES[-1]} in {project_dir}")
 
 
-def load_config(project_dir: Path | str, config_path: Path | str | None = None) -> Config:
-    """Read, parse and check a project's config, its main module's classes and `.dev.vars`."""
+def load_config(
+    project_dir: Path | str, config_path: Path | str | None = None, env: str | None = None
+) -> Config:
+    """Read, parse and check a project's config, its main module's classes and `.dev.vars`.
+
+    ``env`` (default: the ``CLOUDFLARE_ENV`` environment variable, as wrangler reads it)
+    selects an ``env.<name>`` section, merged by Cloudflare's rules (see ``_environment``).
+    """
     project_dir = Path(project_dir).resolve()
     path = find_config(project_dir, Path(config_path) if config_path is not None else None)
     source = _Source(path.resolve(), project_dir)
@@ -89,19 +96,77 @@ def load_config(project_dir: Path | str, config_path: Path | str | None = None) 
         for key in _NOT_FROM_FILE
         if data.pop(key, None) is not None
     ]
+    name = env if env is not None else os.environ.get("CLOUDFLARE_ENV") or None
+    data, env_warnings = _environment(data, name, source)
+    warnings += env_warnings
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise source.validation_error(exc) from None
     config.project_dir = project_dir
     config.config_path = source.path
+    config.environment = name
     for container in config.containers:
         container._base_dir = source.path.parent
     warnings += _extra_key_warnings(config, "", source)
     warnings += _cross_check(config, source)
     config.warnings = warnings
-    config.secrets = _read_dev_vars(project_dir / ".dev.vars", project_dir)
+    dev_vars = project_dir / ".dev.vars"
+    if name is not None and (project_dir / f".dev.vars.{name}").is_file():
+        dev_vars = project_dir / f".dev.vars.{name}"
+    config.secrets = _read_dev_vars(dev_vars, project_dir)
     return config
+
+
+# Cloudflare's environment rules: these keys are never inherited from the top level (an
+# environment states its own bindings), these exist only at the top level, and every
+# other key is inherited unless the environment overrides it.
+NON_INHERITABLE = frozenset(
+    "vars define durable_objects kv_namespaces d1_databases r2_buckets services queues "
+    "containers workflows ai vectorize hyperdrive analytics_engine_datasets".split()
+)
+TOP_LEVEL_ONLY = frozenset("migrations dev send_metrics keep_vars site".split())
+
+
+def _environment(
+    data: dict[str, Any], name: str | None, source: _Source
+) -> tuple[dict[str, Any], list[str]]:
+    """The top-level config with ``env.<name>`` applied; warnings for what is not inherited."""
+    sections = data.pop("env", None)
+    if sections is not None and not (
+        isinstance(sections, dict) and all(isinstance(v, dict) for v in sections.values())
+    ):
+        raise source.error("env", "expected an object of environments, each an object")
+    if name is None:
+        return data, []
+    known = sorted(sections or {})
+    if name not in (sections or {}):
+        shown = ", ".join(known) or "none"
+        raise source.error("env", f'no environment "{name}" (known: {shown})')
+    section: dict[str, Any] = sections[name]  # type: ignore[index]
+    merged = {k: v for k, v in data.items() if k not in NON_INHERITABLE}
+    warnings = []
+    for key in sorted(NON_INHERITABLE & data.keys() - section.keys()):
+        warnings.append(
+            source.warning(
+                key,
+                f'"{key}" exists at the top level but not in "env.{name}": it is not '
+                "inherited, so this environment has none",
+            )
+        )
+    for key, value in section.items():
+        if key in TOP_LEVEL_ONLY:
+            warnings.append(
+                source.warning(
+                    f"env.{name}.{key}", f'"{key}" is only read at the top level (ignored here)'
+                )
+            )
+            continue
+        merged[key] = value
+        source.from_environment[key] = f"env.{name}"
+    if "name" not in section and isinstance(data.get("name"), str):
+        merged["name"] = f"{data['name']}-{name}"
+    return merged, warnings
 
 
 def _display_name(path: Path, project_dir: Path) -> str:
@@ -139,6 +204,8 @@ class _Source:
         self.path = path
         self.name = _display_name(path, project_dir)
         self.lines: dict[str, int] = {}
+        # Top-level keys whose value came from an env.<name> section, and that prefix.
+        self.from_environment: dict[str, str] = {}
 
     def parse(self) -> dict[str, Any]:
         try:
@@ -165,14 +232,22 @@ class _Source:
             raise self.error("", f"expected an object at the top level, got {_show(data)}")
         return data
 
+    def in_file(self, path: str) -> str:
+        """Where ``path`` of the merged config is written (``env.staging.vars.X``)."""
+        top = re.split(r"[.\[]", path, maxsplit=1)[0]
+        prefix = self.from_environment.get(top)
+        return f"{prefix}.{path}" if prefix else path
+
     def line_for(self, path: str) -> int | None:
+        path = self.in_file(path)
         # A missing key has no line of its own: use the nearest enclosing one.
         while path not in self.lines and path:
             path = re.sub(r"(\[\d+\]|\.?[^.\[]+)$", "", path)
         return self.lines.get(path)
 
     def error(self, path: str, message: str) -> ConfigError:
-        return ConfigError(message, file=self.name, line=self.line_for(path), path=path or None)
+        shown = self.in_file(path)
+        return ConfigError(message, file=self.name, line=self.line_for(path), path=shown or None)
 
     def warning(self, path: str, message: str) -> str:
         line = self.line_for(path)
@@ -248,6 +323,8 @@ def _cross_check(config: Config, source: _Source) -> list[str]:
                 f'(expected a top-level "class {binding.class_name}(...)" there)',
             )
 
+    _check_bindings(config, source)
+
     bound = {b.class_name for b in config.durable_objects.bindings if b.script_name is None}
     sqlite = {name for m in config.migrations for name in m.new_sqlite_classes}
     containers: dict[str, int] = {}
@@ -279,6 +356,48 @@ def _cross_check(config: Config, source: _Source) -> list[str]:
                 )
             )
     return warnings
+
+
+def _check_bindings(config: Config, source: _Source) -> None:
+    """Every env name is bound once (DO, KV, D1, assets); the assets folder exists."""
+    names: dict[str, str] = {}
+    entries: list[tuple[str, str]] = [
+        (f"durable_objects.bindings[{i}].name", b.name)
+        for i, b in enumerate(config.durable_objects.bindings)
+    ]
+    entries += [
+        (f"kv_namespaces[{i}].binding", n.binding) for i, n in enumerate(config.kv_namespaces)
+    ]
+    entries += [
+        (f"d1_databases[{i}].binding", d.binding) for i, d in enumerate(config.d1_databases)
+    ]
+    if config.assets is not None and config.assets.binding is not None:
+        entries.append(("assets.binding", config.assets.binding))
+    for path, name in entries:
+        if name in names:
+            raise source.error(
+                path,
+                f'binding name "{name}" is already used by {names[name]}; expected unique names',
+            )
+        names[name] = path
+    for i, database in enumerate(config.d1_databases):
+        for j, other in enumerate(config.d1_databases[:i]):
+            if other.name == database.name:
+                raise source.error(
+                    f"d1_databases[{i}].database_name",
+                    f'database "{database.name}" is already bound by d1_databases[{j}]',
+                )
+    assets = config.assets
+    if assets is not None:
+        if assets.directory is None:
+            raise source.error("assets", 'expected "directory" (the folder of static files)')
+        folder = config.config_path.parent / assets.directory
+        if not folder.is_dir():
+            raise source.error(
+                "assets.directory",
+                f'folder "{assets.directory}" not found (expected a folder relative to the '
+                "config's folder)",
+            )
 
 
 def _check_image(container: ContainerConfig, path: str, source: _Source) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from dockyard.compat.clone import clone
 from dockyard.http import BodyInit, HeadersInit, Request, Response
 
 from .ids import DurableObjectId
@@ -32,12 +33,18 @@ class ObjectDelivery(Protocol):
 class DurableObjectStub:
     """``await stub.fetch(...)`` reaches ``fetch``; ``await stub.method(...)`` calls a method."""
 
-    __slots__ = ("_class_name", "_delivery", "id", "name")
+    __slots__ = ("_class_name", "_copies", "_delivery", "id", "name")
 
     def __init__(
-        self, delivery: ObjectDelivery, class_name: str, object_id: DurableObjectId
+        self,
+        delivery: ObjectDelivery,
+        class_name: str,
+        object_id: DurableObjectId,
+        *,
+        copies: bool = False,
     ) -> None:
         self._delivery = delivery
+        self._copies = copies
         self._class_name = class_name
         self.id = object_id
         self.name = object_id.name
@@ -64,9 +71,22 @@ class DurableObjectStub:
         if method.startswith("__") and method.endswith("__"):
             raise AttributeError(method)
         delivery, class_name, object_id = self._delivery, self._class_name, self.id
+        if not self._copies:
+
+            async def call_in_process(*args: Any, **kwargs: Any) -> Any:
+                return await delivery.deliver_call(class_name, object_id, method, args, kwargs)
+
+            call_in_process.__name__ = call_in_process.__qualname__ = method
+            return call_in_process
 
         async def call(*args: Any, **kwargs: Any) -> Any:
-            return await delivery.deliver_call(class_name, object_id, method, args, kwargs)
+            # Copied both ways, as Cloudflare's RPC serialises them: neither side can
+            # change a value the other holds. An uncopyable argument fails here.
+            where = f"{class_name}.{method}()"
+            args = tuple(clone(a, f"argument {i} of {where}") for i, a in enumerate(args, 1))
+            kwargs = {k: clone(v, f"argument {k!r} of {where}") for k, v in kwargs.items()}
+            result = await delivery.deliver_call(class_name, object_id, method, args, kwargs)
+            return clone(result, f"the result of {where}")
 
         call.__name__ = call.__qualname__ = method
         return call

@@ -1,0 +1,3 @@
+"""A stand-in for the ``pyodide`` package: only ``pyodide.ffi`` (see dockyard.compat.ffi)."""
+
+__version__ = "0.0.0+dockyard"
