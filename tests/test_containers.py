@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -275,7 +276,7 @@ async def test_start_failures_map_to_clear_errors(lab: Lab) -> None:
     project = lab.project(
         {"Web": {"max_instances": 2}, "BadEntry": {}, "NoPort": {}, "Broken": {}},
     )
-    with DevServer(project.root) as dev:
+    with DevServer(project.root, "--debug-errors") as dev:
         dev.wait_for("exit")  # the failing build's log reaches the console
         for name in ("a", "b"):
             async with lab.session.get(f"{dev.url}/c/WEB/{name}/") as response:
@@ -300,6 +301,22 @@ async def test_start_failures_map_to_clear_errors(lab: Lab) -> None:
             text = await response.text()
             assert response.status == 500
             assert "Failed to start container:" in text and "exit 7" in text
+
+
+async def test_clients_see_no_error_details_but_an_id_the_log_explains(lab: Lab) -> None:
+    project = lab.project({"BadEntry": {}, "Broken": {}})
+    with DevServer(project.root) as dev:
+        for path, detail in (("/c/BADENTRY/x/", "/no/such/program"), ("/c/BROKEN/x/", "exit 7")):
+            async with lab.session.get(dev.url + path) as response:
+                text = await response.text()
+                assert response.status == 500
+                match = re.fullmatch(r"Failed to start container: (.+) \(error id (\w+)\)\n", text)
+                assert match, text
+                assert detail not in text
+                # The same id leads to the details in the console (wrapped over lines).
+                dev.wait_for(rf"error {match.group(2)}: ")
+                logged = dev.output[dev.output.index(f"error {match.group(2)}: ") :]
+                assert detail in logged[:3000]
 
 
 async def test_sigkill_of_dev_then_restart_adopts_without_orphans_or_duplicates(lab: Lab) -> None:

@@ -15,6 +15,7 @@ from dockyard.config import load_config
 from dockyard.containers.manager import ContainerManager
 from dockyard.containers.runtime import ContainerInfo, ContainerSpec, RuntimeCapabilities
 from dockyard.errors import NoCapacity, TooManyStarts
+from dockyard.settings import ContainerSettings
 
 
 class FakeRuntime:
@@ -24,11 +25,13 @@ class FakeRuntime:
 
     def __init__(self) -> None:
         self.started: list[ContainerSpec] = []
+        self.listed: list[dict[str, str]] = []
 
     async def image_id(self, ref: str) -> str | None:
         return "sha256:" + "ab12" * 16
 
     async def list(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        self.listed.append(dict(labels))
         return []
 
     async def run(self, spec: ContainerSpec) -> ContainerInfo:
@@ -67,21 +70,41 @@ def make_manager(tmp_path: Path, *, max_instances: int, starts_per_second: int) 
     return ContainerManager(
         runtime,  # type: ignore[arg-type]
         load_config(tmp_path),
-        starts_per_second=starts_per_second,
+        ContainerSettings(starts_per_second=starts_per_second),
+        owner="test-owner",
+    )
+
+
+async def launch(
+    manager: ContainerManager,
+    object_id: str,
+    name: str | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    entrypoint: list[str] | None = None,
+    enable_internet: bool = True,
+    boost: bool = False,
+) -> ContainerInfo:
+    return await manager.launch(
+        manager.supervisor("Box", object_id, name),
+        env=env or {},
+        entrypoint=entrypoint,
+        enable_internet=enable_internet,
+        ports=[8080],
+        boost=boost,
     )
 
 
 async def test_max_instances_gives_no_capacity_until_one_exits(tmp_path: Path) -> None:
     manager = make_manager(tmp_path, max_instances=2, starts_per_second=100)
     await manager.start()
-    handles = [manager.handle("Box", f"object-{i}", None) for i in range(3)]
-    for handle in handles[:2]:
-        await handle.start(env={}, entrypoint=None, enable_internet=True, ports=[8080])
+    first = await launch(manager, "object-0")
+    await launch(manager, "object-1")
     with pytest.raises(NoCapacity, match=r"max_instances \(2\) reached .*'Box'") as caught:
-        await handles[2].start(env={}, entrypoint=None, enable_internet=True, ports=[8080])
+        await launch(manager, "object-2")
     assert caught.value.status == 503
-    manager.exited("Box", handles[0].info.id)  # type: ignore[union-attr]
-    await handles[2].start(env={}, entrypoint=None, enable_internet=True, ports=[8080])
+    manager.exited(manager.supervisor("Box", "object-0", None), first.id)
+    await launch(manager, "object-2")
     assert manager.running_count("Box") == 2
 
 
@@ -89,23 +112,22 @@ async def test_start_rate_limit_gives_too_many_starts(tmp_path: Path) -> None:
     manager = make_manager(tmp_path, max_instances=10, starts_per_second=3)
     await manager.start()
     for i in range(3):
-        handle = manager.handle("Box", f"object-{i}", None)
-        await handle.start(env={}, entrypoint=None, enable_internet=True, ports=[8080])
+        await launch(manager, f"object-{i}")
     with pytest.raises(TooManyStarts, match="more than 3 starts per second") as caught:
-        await manager.handle("Box", "object-3", None).start(
-            env={}, entrypoint=None, enable_internet=True, ports=[8080]
-        )
+        await launch(manager, "object-3")
     assert caught.value.status == 429
 
 
 async def test_container_spec_carries_labels_env_and_limits(tmp_path: Path) -> None:
     manager = make_manager(tmp_path, max_instances=1, starts_per_second=10)
     await manager.start()
-    handle = manager.handle("Box", "abc123", "alice")
-    await handle.start(env={"A": "1"}, entrypoint=["srv"], enable_internet=False, ports=[8080])
+    info = await launch(
+        manager, "abc123", "alice", env={"A": "1"}, entrypoint=["srv"], enable_internet=False
+    )
     [spec] = manager.runtime.started  # type: ignore[attr-defined]
     assert spec.labels == {
         "dockyard.app": "limits",
+        "dockyard.owner": "test-owner",
         "dockyard.class": "Box",
         "dockyard.object_id": "abc123",
         "dockyard.object_name": "alice",
@@ -119,4 +141,20 @@ async def test_container_spec_carries_labels_env_and_limits(tmp_path: Path) -> N
     }
     assert (spec.vcpu, spec.memory_mib, spec.disk_mb) == (0.0625, 256, 2000)
     assert spec.entrypoint == ["srv"] and spec.enable_internet is False
-    assert handle.host_port(8080) == 48080
+    assert info.host_ports[8080] == 48080
+
+
+async def test_a_boosted_start_runs_without_the_cpu_quota(tmp_path: Path) -> None:
+    manager = make_manager(tmp_path, max_instances=1, starts_per_second=10)
+    await manager.start()
+    await launch(manager, "abc123", boost=True)
+    [spec] = manager.runtime.started  # type: ignore[attr-defined]
+    assert spec.vcpu is None and spec.memory_mib == 256
+
+
+async def test_adoption_lists_only_this_owners_containers(tmp_path: Path) -> None:
+    manager = make_manager(tmp_path, max_instances=1, starts_per_second=10)
+    await manager.start()
+    assert manager.runtime.listed == [  # type: ignore[attr-defined]
+        {"dockyard.app": "limits", "dockyard.owner": "test-owner"}
+    ]

@@ -3,7 +3,8 @@
 ``App`` is what ``dockyard dev`` runs: ``start()`` loads the config and the worker,
 opens the object host and prepares the containers; ``handle(request)`` runs the
 worker; ``reload()`` re-imports the worker after an edit; ``stop()`` ends everything
-the app started.
+the app started. Its settings and its container engine are given to it, so the same
+``App`` runs on one engine in dev and, later, on a node's supervisor API or a cluster.
 """
 
 from __future__ import annotations
@@ -15,20 +16,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .bindings import Bindings, ScheduledController
 from .config import Config, load_config
-from .containers import ContainerHandle, ContainerManager
-from .containers.docker import DockerRuntime
-from .errors import DockyardError, WorkerError
+from .containers import ContainerManager, labels
+from .containers.container import CF_SWITCH_PORT_HEADER, SWITCH_PORT_HEADER
+from .containers.runtime import ContainerRuntime
+from .containers.supervisor import ContainerSupervisor
+from .errors import DockyardError, WorkerError, error_id
 from .http import Request, Response
 from .objects import ObjectHost
+from .objects.files import OpenFiles
+from .settings import Settings
 from .worker import Env, ExecutionContext, Worker, load_worker
 
 __all__ = ["App"]
 
 log = logging.getLogger("dockyard.app")
-
-# How long stop() lets ctx.wait_until work finish before cancelling it.
-WAIT_UNTIL_GRACE = 5.0
 
 
 class App:
@@ -37,19 +40,29 @@ class App:
         project_dir: Path | str,
         *,
         config_path: Path | str | None = None,
-        state_dir: Path | None = None,
-        object_idle_timeout: float = 70.0,
+        settings: Settings | None = None,
+        runtime: ContainerRuntime | None = None,
     ) -> None:
+        self.settings = settings or Settings()
         self.project_dir = Path(project_dir).resolve()
         self.config: Config = load_config(self.project_dir, config_path)
-        self.state_dir = state_dir or self.project_dir / ".dockyard"
+        self.state_dir = (self.settings.state_dir or self.project_dir / ".dockyard").resolve()
+        objects = self.settings.objects
         self.host = ObjectHost(
-            self.state_dir, app=self.config.name, idle_timeout=object_idle_timeout
+            self.state_dir,
+            app=self.config.name,
+            idle_timeout=objects.idle_timeout,
+            open_files=OpenFiles(objects.max_open_files),
         )
+        # KV, D1, static assets and cron triggers (dockyard.bindings).
+        self.bindings = Bindings(self.config, self.state_dir)
         self.env = Env(
             bindings={
-                binding.name: self.host.namespace(binding.class_name)
-                for binding in self.config.durable_objects.bindings
+                **{
+                    binding.name: self.host.namespace(binding.class_name)
+                    for binding in self.config.durable_objects.bindings
+                },
+                **self.bindings.env,
             },
             vars=self.config.vars,
             secrets=self.config.secrets,
@@ -61,12 +74,24 @@ class App:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.containers: ContainerManager | None = None
         if self.config.containers:
-            self.containers = ContainerManager(DockerRuntime(), self.config)
+            if runtime is None:
+                from .containers.docker import DockerRuntime
+
+                runtime = DockerRuntime()
+            self.containers = ContainerManager(
+                runtime, self.config, self.settings.containers, owner=self.owner
+            )
             self.containers.set_waker(self._wake)
             for container in self.config.containers:
                 self.host.set_context_extension(
-                    container.class_name, self._container_handle_factory(container.class_name)
+                    container.class_name, self._supervisor_factory(container.class_name)
                 )
+
+    @property
+    def owner(self) -> str:
+        """Who owns this app's containers on the engine (see ``labels.dev_owner``): two
+        projects with the same app name never adopt or remove each other's containers."""
+        return labels.dev_owner(self.state_dir)
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -80,6 +105,7 @@ class App:
         self._started = True
         self._load_worker()
         await self.host.start()
+        await self.bindings.start(self._scheduled)
         if self.containers is not None:
             # Builds images, then re-adopts containers a previous run left running.
             await self.containers.start()
@@ -89,7 +115,9 @@ class App:
             return  # start() never got the state folder: nothing here is ours to stop
         self._started = False
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=WAIT_UNTIL_GRACE)
+            _, pending = await asyncio.wait(
+                set(self._tasks), timeout=self.settings.objects.wait_until_grace
+            )
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -97,6 +125,8 @@ class App:
             # Containers first, while their objects are alive to record how they ended.
             await self.containers.stop()
             await self.containers.runtime.aclose()
+        # After wait_until work (it may still use KV or D1), before the objects go.
+        await self.bindings.stop()
         await self.host.stop()
         if self._lock is not None:
             self._lock.close()  # closing the file releases the lock
@@ -108,7 +138,10 @@ class App:
             import fcntl
         except ImportError:  # pragma: no cover - no flock (Windows)
             return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # The state folder holds object storage, secrets in .dev.vars' values, KV and D1:
+        # only its owner may read it.
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)
         lock = open(self.state_dir / "dev.lock", "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -126,12 +159,12 @@ class App:
         lock.flush()
         self._lock = lock
 
-    def _container_handle_factory(self, class_name: str) -> Callable[[Any], ContainerHandle]:
+    def _supervisor_factory(self, class_name: str) -> Callable[[Any], ContainerSupervisor]:
         manager = self.containers
         assert manager is not None
 
-        def make(state: Any) -> ContainerHandle:
-            return manager.handle(class_name, str(state.id), getattr(state.id, "name", None))
+        def make(state: Any) -> ContainerSupervisor:
+            return manager.supervisor(class_name, str(state.id), getattr(state.id, "name", None))
 
         return make
 
@@ -141,7 +174,32 @@ class App:
 
     async def handle(self, request: Request) -> Response:
         assert self.worker is not None, "App.start() was not called"
+        headers = request.headers
+        if SWITCH_PORT_HEADER in headers or CF_SWITCH_PORT_HEADER in headers:
+            # Only the worker chooses a container port (switch_port); a client cannot.
+            headers.popall(SWITCH_PORT_HEADER, None)
+            headers.popall(CF_SWITCH_PORT_HEADER, None)
+        try:
+            return await self.bindings.serve(request, self._run_worker)
+        except DockyardError as exc:
+            ident = error_id()
+            log.warning(
+                "%s %s -> %s (error id %s): %s", request.method, request.url, exc.status, ident, exc
+            )
+            text = str(exc) if self.settings.containers.debug_errors else exc.public
+            return Response(f"{text} (error id {ident})\n", status=exc.status)
+
+    async def _run_worker(self, request: Request) -> Response:
+        assert self.worker is not None, "App.start() was not called"
         return await self.worker.fetch(request, self.env, ExecutionContext(self._tasks))
+
+    async def _scheduled(self, controller: ScheduledController) -> None:
+        """A cron trigger fired: run the worker's scheduled handler, if it has one."""
+        worker = self.worker
+        if worker is None or not worker.has_scheduled:
+            log.warning("cron %r fired; the worker has no scheduled handler", controller.cron)
+            return
+        await worker.scheduled(controller, self.env, ExecutionContext(self._tasks))
 
     def reload(self) -> bool:
         """Re-import the worker; on failure keep serving the previous one."""
@@ -153,7 +211,7 @@ class App:
         return True
 
     def _load_worker(self) -> None:
-        worker = load_worker(self.config.main_path, self.project_dir)
+        worker = load_worker(self.config.main_path, self.project_dir, self.state_dir)
         for binding in self.config.durable_objects.bindings:
             cls = worker.get_class(binding.class_name)
             if cls is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -44,10 +45,28 @@ def dev(
     access_log: Annotated[
         bool, typer.Option(help="Print a line per request (method, path, status, time).")
     ] = True,
+    debug_errors: Annotated[
+        bool,
+        typer.Option(
+            help="Show error details (start failures, container output) to HTTP clients; "
+            "by default they get a short message and an error id, the console the rest."
+        ),
+    ] = False,
+    env: Annotated[
+        str | None,
+        typer.Option(
+            "--env",
+            "-e",
+            help="Use the config's env.<NAME> section (as wrangler; also CLOUDFLARE_ENV).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the project's worker locally, reloading it when a .py file changes."""
     from .dev import run_dev
 
+    if env is not None:
+        # The config loader reads CLOUDFLARE_ENV, as wrangler does; the flag sets it.
+        os.environ["CLOUDFLARE_ENV"] = env
     config_path = config.resolve() if config is not None else None
     raise typer.Exit(
         _run(
@@ -58,6 +77,7 @@ def dev(
                 config_path=config_path,
                 object_idle_timeout=object_idle_timeout,
                 access_log=access_log,
+                debug_errors=debug_errors,
             )
         )
     )
@@ -81,8 +101,10 @@ def main() -> None:
 
 def _register_subcommands() -> None:
     from .containers import app as containers_app
+    from .d1 import app as d1_app
 
     app.add_typer(containers_app, name="containers")
+    app.add_typer(d1_app, name="d1")
 
 
 _register_subcommands()

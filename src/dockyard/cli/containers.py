@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -12,10 +13,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..config import load_config
+from ..containers import labels as label
 from ..containers.docker import DockerRuntime
-from ..containers.manager import LABEL_APP, LABEL_CLASS, LABEL_NAME, LABEL_OBJECT, LABEL_VERSION
 from ..containers.runtime import ContainerInfo
 from ..errors import ContainerError
 
@@ -32,12 +34,31 @@ def _app_name(project: Path) -> str:
     return load_config(project).name
 
 
-def _run(project: Path, action: Callable[[DockerRuntime, str], Awaitable[T]]) -> T:
+def _selector(project: Path) -> dict[str, str]:
+    """The labels of this project's containers (its app, run from its state folder)."""
+    owner = label.dev_owner(project.resolve() / ".dockyard")
+    return {label.APP: _app_name(project), label.OWNER: owner}
+
+
+def _safe(value: object) -> Text:
+    """User data (object names, labels, output) shown without its control characters, so
+    a name cannot move the cursor or rewrite the terminal, and without rich markup."""
+    return Text(escape_controls(str(value)))
+
+
+def escape_controls(text: str) -> str:
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _run(project: Path, action: Callable[[DockerRuntime, dict[str, str]], Awaitable[T]]) -> T:
     from . import _run as run_cli
 
     async def go() -> T:
         async with DockerRuntime() as runtime:
-            return await action(runtime, _app_name(project))
+            return await action(runtime, _selector(project))
 
     result: list[T] = []
 
@@ -51,26 +72,29 @@ def _run(project: Path, action: Callable[[DockerRuntime, str], Awaitable[T]]) ->
     return result[0]
 
 
-async def _find(runtime: DockerRuntime, app_name: str, ref: str) -> ContainerInfo:
+async def _find(runtime: DockerRuntime, selector: dict[str, str], ref: str) -> ContainerInfo:
     """A container of this app by container id prefix, object id prefix or object name."""
-    infos = await runtime.list({LABEL_APP: app_name})
+    app_name = selector[label.APP]
+    infos = await runtime.list(selector)
     matches = [
         i
         for i in infos
         if i.id.startswith(ref)
-        or i.labels.get(LABEL_OBJECT, "").startswith(ref)
-        or i.labels.get(LABEL_NAME) == ref
+        or i.labels.get(label.OBJECT, "").startswith(ref)
+        or i.labels.get(label.NAME) == ref
         or i.name == ref
     ]
     if len(matches) == 1:
         return matches[0]
     if not matches:
         raise ContainerError(
-            f"no container of app {app_name!r} matches {ref!r} "
+            f"no container of app {app_name!r} matches {escape_controls(repr(ref))} "
             "(give a container id, an object id prefix or an object name; see "
             "`dockyard containers list`)"
         )
-    raise ContainerError(f"{ref!r} matches {len(matches)} containers; give a longer prefix")
+    raise ContainerError(
+        f"{escape_controls(repr(ref))} matches {len(matches)} containers; give a longer prefix"
+    )
 
 
 def _age(when: datetime | None) -> str:
@@ -88,8 +112,8 @@ def _age(when: datetime | None) -> str:
 def list_(project: ProjectOption = Path(".")) -> None:
     """Containers of the app, with their object, state and ports."""
 
-    async def action(runtime: DockerRuntime, app_name: str) -> list[ContainerInfo]:
-        return await runtime.list({LABEL_APP: app_name})
+    async def action(runtime: DockerRuntime, selector: dict[str, str]) -> list[ContainerInfo]:
+        return await runtime.list(selector)
 
     infos = _run(project, action)
     table = Table(title=f"Containers of {_app_name(project)}")
@@ -99,12 +123,12 @@ def list_(project: ProjectOption = Path(".")) -> None:
         labels = info.labels
         table.add_row(
             info.id[:12],
-            labels.get(LABEL_CLASS, "?"),
-            labels.get(LABEL_NAME) or labels.get(LABEL_OBJECT, "?")[:16],
+            _safe(labels.get(label.CLASS, "?")),
+            _safe(labels.get(label.NAME) or labels.get(label.OBJECT, "?")[:16]),
             info.status if info.running else f"{info.status} ({info.exit_code})",
             _age(info.started_at) if info.running else "-",
             ", ".join(f"{p}→127.0.0.1:{h}" for p, h in sorted(info.host_ports.items())),
-            labels.get(LABEL_VERSION, "?"),
+            _safe(labels.get(label.VERSION, "?")),
         )
     console.print(table)
 
@@ -113,8 +137,8 @@ def list_(project: ProjectOption = Path(".")) -> None:
 def info(ref: str, project: ProjectOption = Path(".")) -> None:
     """Details of one container."""
 
-    async def action(runtime: DockerRuntime, app_name: str) -> ContainerInfo:
-        return await _find(runtime, app_name, ref)
+    async def action(runtime: DockerRuntime, selector: dict[str, str]) -> ContainerInfo:
+        return await _find(runtime, selector, ref)
 
     found = _run(project, action)
     table = Table(show_header=False)
@@ -130,7 +154,7 @@ def info(ref: str, project: ProjectOption = Path(".")) -> None:
         **{k: v for k, v in sorted(found.labels.items()) if k.startswith("dockyard.")},
     }
     for key, value in rows.items():
-        table.add_row(key, "-" if value is None else str(value))
+        table.add_row(key, _safe("-" if value is None else value))
     console.print(table)
 
 
@@ -143,10 +167,13 @@ def logs(
 ) -> None:
     """Print a container's output (stdout and stderr)."""
 
-    async def action(runtime: DockerRuntime, app_name: str) -> None:
-        found = await _find(runtime, app_name, ref)
+    tty = sys.stdout.isatty()
+
+    async def action(runtime: DockerRuntime, selector: dict[str, str]) -> None:
+        found = await _find(runtime, selector, ref)
         async for line in runtime.logs(found.id, follow=follow, tail=tail):
-            print(line, flush=True)
+            # Piped output stays byte-exact; a terminal never receives control sequences.
+            print(escape_controls(line) if tty else line, flush=True)
 
     _run(project, action)
 
@@ -159,8 +186,8 @@ def exec(
 ) -> None:
     """Run a command in a running container and print its output."""
 
-    async def action(runtime: DockerRuntime, app_name: str) -> int:
-        found = await _find(runtime, app_name, ref)
+    async def action(runtime: DockerRuntime, selector: dict[str, str]) -> int:
+        found = await _find(runtime, selector, ref)
         result = await runtime.exec(found.id, command)
         sys.stdout.buffer.write(result.stdout)
         sys.stderr.buffer.write(result.stderr)
@@ -177,8 +204,8 @@ def stop(
 ) -> None:
     """Stop a container (SIGTERM, then SIGKILL after the grace period)."""
 
-    async def action(runtime: DockerRuntime, app_name: str) -> str:
-        found = await _find(runtime, app_name, ref)
+    async def action(runtime: DockerRuntime, selector: dict[str, str]) -> str:
+        found = await _find(runtime, selector, ref)
         await runtime.stop(found.id, grace)
         return found.id
 

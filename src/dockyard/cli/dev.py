@@ -11,8 +11,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
+from .._limits import raise_open_file_limit
 from ..app import App
 from ..gateway.server import Gateway
+from ..settings import ContainerSettings, ObjectSettings, Settings
+from ..watchdog import LoopWatchdog
 
 console = Console(stderr=True)
 log = logging.getLogger("dockyard.dev")
@@ -46,9 +49,14 @@ def run_dev(
     config_path: Path | None,
     object_idle_timeout: float = 70.0,
     access_log: bool = True,
+    debug_errors: bool = False,
 ) -> int:
     configure_logging(access_log=access_log)
-    app = App(directory, config_path=config_path, object_idle_timeout=object_idle_timeout)
+    settings = Settings(
+        objects=ObjectSettings(idle_timeout=object_idle_timeout),
+        containers=ContainerSettings(debug_errors=debug_errors),
+    )
+    app = App(directory, config_path=config_path, settings=settings)
     serve = _serve(app, port=port, ip=ip)
     try:
         import uvloop
@@ -62,15 +70,23 @@ async def _serve(app: App, *, port: int | None, ip: str | None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    # Reports a worker that blocks the loop, and ends the process if a stop signal
+    # cannot be handled because of one (see dockyard.watchdog).
+    watchdog = LoopWatchdog(loop, source_root=app.project_dir)
+    watchdog.watch_signals((signal.SIGINT, signal.SIGTERM))
+    watchdog.start()
 
     for warning in app.config.warnings:
         log.warning("%s", warning)
+    # Connections, container connections and object databases each hold a descriptor.
+    raise_open_file_limit()
     try:
         await app.start()
         gateway = Gateway(
             app.handle,
             host=ip or app.config.dev.ip,
             port=app.config.dev.port if port is None else port,
+            limits=app.settings.gateway,
         )
         bound = await gateway.start()
         try:
@@ -85,7 +101,10 @@ async def _serve(app: App, *, port: int | None, ip: str | None) -> int:
         finally:
             await gateway.stop()
     finally:
-        await app.stop()
+        try:
+            await app.stop()
+        finally:
+            watchdog.stop()
     return 0
 
 

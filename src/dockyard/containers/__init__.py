@@ -2,13 +2,12 @@
 
 from .container import Container
 from .helpers import get_container, get_random, load_balance, switch_port
-from .manager import ContainerHandle, ContainerManager
+from .manager import ContainerManager
 from .schedules import Schedule
 from .state import State, StopParams
 
 __all__ = [
     "Container",
-    "ContainerHandle",
     "ContainerManager",
     "Schedule",
     "State",

@@ -1,40 +1,45 @@
 """``Container``: a Durable Object that owns one container and proxies to it.
 
 A request to a stopped object starts the container (one start shared by every
-concurrent caller), waits until the port answers HTTP, then forwards. The object's
-alarm puts the container to sleep ``sleep_after`` after the last activity; requests in
-flight and open WebSockets are never idle. ``on_stop`` runs once per container run,
-with the real exit code and why it ended.
+concurrent caller), waits until the port answers HTTP, then forwards. The container
+sleeps ``sleep_after`` after the last activity; requests in flight and open WebSockets
+are never idle. ``on_stop`` runs once per container run, with the real exit code and
+why it ended.
+
+This class is a thin facade: the machinery lives in the node's
+``ContainerSupervisor`` (reached through ``ctx.container``), so a subclass's own
+attributes (``self._state``, ``self._handle``, ...) and storage keys never collide with
+Dockyard's, and a worker reload hands the running container to the next instance.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
 from ..durations import parse_duration
-from ..errors import ContainerError, ContainerGone, DockyardError, StartFailed
+from ..errors import ContainerError, DockyardError, error_id
 from ..http import HeadersInit, Request, Response
 from ..objects import DurableObject
-from .manager import ContainerHandle
 from .proxy import forward_http, forward_websocket
-from .readiness import Readiness, wait_for_port
-from .runtime import ExecProcess, ExecResult, ExitStatus
+from .readiness import Readiness
+from .runtime import ExecProcess, ExecResult
 from .schedules import Schedule, ScheduleTable
-from .state import State, Status, StopParams, StopReason, signal_number
+from .state import State, StopParams, signal_number
+from .supervisor import ContainerOptions, ContainerSupervisor, StartOverrides
 
-__all__ = ["SWITCH_PORT_HEADER", "Container"]
+__all__ = ["CF_SWITCH_PORT_HEADER", "SWITCH_PORT_HEADER", "Container"]
 
 log = logging.getLogger("dockyard.containers")
 
 SWITCH_PORT_HEADER = "dockyard-container-target-port"
 # Accepted too, so code written for Cloudflare's switchPort keeps working.
 CF_SWITCH_PORT_HEADER = "cf-container-target-port"
-STATE_KEY = "__dockyard_container_state"
+# Where the container's last known state is kept, in the object's internal storage.
+STATE_KEY = "container_state"
 
 
 class Container(DurableObject):
@@ -59,41 +64,33 @@ class Container(DurableObject):
     # container is stopped after stop_paused_after more without requests.
     sleep_mode: ClassVar[Literal["stop", "pause"]] = "stop"
     stop_paused_after: ClassVar[str | int | float] = "1h"
+    # Start without the instance type's CPU quota; apply it once the ports answer.
+    start_boost: ClassVar[bool] = True
+    # Hardening (see README, "Container hardening"): capabilities the server needs back
+    # (e.g. ["NET_RAW"] for ping), a process limit other than 512, a read-only root
+    # filesystem with a writable /tmp.
+    cap_add: ClassVar[list[str]] = []
+    pids_limit: ClassVar[int | None] = None
+    read_only_root: ClassVar[bool] = False
 
     def __init__(self, ctx: Any, env: Any) -> None:
         super().__init__(ctx, env)
-        handle = getattr(ctx, "container", None)
-        if not isinstance(handle, ContainerHandle):
+        supervisor = getattr(ctx, "container", None)
+        if not isinstance(supervisor, ContainerSupervisor):
             raise ContainerError(
                 f"{type(self).__name__} is not configured as a container: add "
                 f'{{"class_name": "{type(self).__name__}", "image": "./Dockerfile"}} to '
                 "containers in the wrangler config"
             )
-        self._handle: ContainerHandle = handle
-        self._sleep_after = parse_duration(
-            self.sleep_after, where=f"{type(self).__name__}.sleep_after"
+        storage = ctx.storage
+        supervisor.attach(
+            self,
+            _options(type(self), supervisor),
+            lambda state: storage.internal.put(STATE_KEY, state),
+            storage.internal.get(STATE_KEY),
         )
-        self._deadline = time.monotonic() + self._sleep_after
-        if self.sleep_mode not in ("stop", "pause"):
-            raise ContainerError(
-                f"{type(self).__name__}.sleep_mode must be 'stop' or 'pause', "
-                f"got {self.sleep_mode!r}"
-            )
-        self._stop_paused_after = parse_duration(
-            self.stop_paused_after, where=f"{type(self).__name__}.stop_paused_after"
-        )
-        self._paused_deadline = 0.0
-        self._inflight = 0
-        self._starting: asyncio.Future[None] | None = None
-        self._starter: asyncio.Task[Any] | None = None
-        self._monitor: asyncio.Task[None] | None = None
-        self._stop_reason: StopReason | None = None
-        self._stopped = asyncio.Event()
-        self._stopped.set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._schedules = ScheduleTable(ctx.storage.sql)
-        self._state = State("stopped", time.time())
-        ctx.block_concurrency_while(self._restore())
+        # A user's delete_all() drops the alarm too; pending schedules need it back.
+        storage.internal.on_delete_all(self._dockyard_arm_alarm)
 
     # Hooks to override
 
@@ -105,24 +102,13 @@ class Container(DurableObject):
 
     async def on_error(self, error: BaseException) -> None:
         """Runs when a start fails; the default logs it and re-raises."""
-        log.error("%s %s: %s", type(self).__name__, self._label(), error)
+        log.error("%s: %s", _supervisor(self), error)
         raise error
 
     async def on_activity_expired(self) -> None:
         """Runs when ``sleep_after`` passed with nothing in flight; the default puts the
         container to sleep as ``sleep_mode`` says (stop, or pause)."""
-        if self.sleep_mode == "pause":
-            await self.pause()
-        else:
-            await self.stop()
-
-    async def pause(self) -> None:
-        """Freeze the running container; the next request (or ``start``) thaws it."""
-        if self._handle.running and not self._handle.paused:
-            await self._handle.pause()
-            self._paused_deadline = time.monotonic() + self._stop_paused_after
-            await self._set_state("paused")
-            await self._arm_alarm()
+        await _supervisor(self).default_activity_expired()
 
     # Lifecycle
 
@@ -134,75 +120,68 @@ class Container(DurableObject):
         enable_internet: bool | None = None,
     ) -> None:
         """Start the container if it is not running. Does not wait for its ports."""
-        await self._start(None, env_vars, entrypoint, enable_internet)
+        await _supervisor(self).start(None, StartOverrides(env_vars, entrypoint, enable_internet))
 
     async def start_and_wait_for_ports(self, ports: list[int] | int | None = None) -> None:
         """Start if needed and wait until every port answers HTTP (state ``healthy``)."""
+        supervisor = _supervisor(self)
         if isinstance(ports, int):
             ports = [ports]
-        await self._start(ports or self._ports_to_check(), None, None, None)
+        assert supervisor.options is not None
+        await supervisor.start(ports or supervisor.options.ports_to_check, StartOverrides())
 
     async def stop(self, signal: str | int = "SIGTERM") -> None:
         """Signal the container and wait for it to end (SIGKILL after ``stop_timeout``)."""
-        await self._let_start_finish()
-        if not self._handle.running:
-            return
-        self._stop_reason = self._stop_reason or "stop"
-        await self._set_state("stopping")
-        await self._handle.signal(signal_number(signal))
-        try:
-            await asyncio.wait_for(self._stopped.wait(), self.stop_timeout)
-        except TimeoutError:
-            log.warning("%s did not stop within %ss; killing it", self._label(), self.stop_timeout)
-            await self._handle.destroy()
-            await self._stopped.wait()
+        await _supervisor(self).stop(signal_number(signal), grace=self.stop_timeout)
 
     async def destroy(self) -> None:
         """Kill the container now."""
-        await self._let_start_finish()
-        if not self._handle.running:
-            return
-        self._stop_reason = "destroy"
-        await self._handle.destroy()
-        await self._stopped.wait()
+        await _supervisor(self).destroy()
+
+    async def pause(self) -> None:
+        """Freeze the running container; the next request (or ``start``) thaws it."""
+        await _supervisor(self).pause()
 
     async def get_state(self) -> State:
-        return self._state
-
-    async def _let_start_finish(self) -> None:
-        """A stop asked for while a start is under way applies to what that start made.
-
-        Returning early instead would let the container come up right after the stop.
-        Hooks that run inside the start itself (on_start, on_error) do not wait.
-        """
-        while self._starting is not None and self._starter is not asyncio.current_task():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._starting)
+        return _supervisor(self).state
 
     def renew_activity_timeout(self) -> None:
-        self._deadline = time.monotonic() + self._sleep_after
+        _supervisor(self).renew()
 
     # Requests
 
     async def fetch(self, request: Request) -> Response:
+        supervisor = _supervisor(self)
+        options = supervisor.options
+        assert options is not None
         port_header = request.headers.get(SWITCH_PORT_HEADER) or request.headers.get(
             CF_SWITCH_PORT_HEADER
         )
         if port_header is not None:
             request.headers.popall(SWITCH_PORT_HEADER, None)
             request.headers.popall(CF_SWITCH_PORT_HEADER, None)
-            if not port_header.isdigit():
-                return Response(f"Bad container port {port_header!r}\n", status=400)
-            port: int | None = int(port_header)
-        else:
-            port = self.default_port
-        if port is None:
+            port = int(port_header) if port_header.isdigit() else -1
+            declared = options.declared_ports
+            if port not in declared:
+                log.warning(
+                    "%s: switch_port to %r, which the class does not declare (%s)",
+                    supervisor,
+                    port_header,
+                    declared,
+                )
+                return Response(
+                    f"Bad container port {port_header!r}: {type(self).__name__} declares "
+                    f"{', '.join(map(str, declared)) or 'no ports'}\n",
+                    status=400,
+                )
+            return await self.container_fetch(request, port=port)
+        if options.default_port is None:
             return Response(
                 f"{type(self).__name__} has no default_port: set default_port on the class, "
                 "or route with switch_port(request, port)\n",
                 status=500,
             )
-        return await self.container_fetch(request, port=port)
+        return await self.container_fetch(request, port=options.default_port)
 
     async def container_fetch(
         self,
@@ -216,41 +195,46 @@ class Container(DurableObject):
         """Send a request (or a URL, relative ones go to ``http://container``) to a port."""
         if not isinstance(request, Request) or method or headers is not None or body is not None:
             request = Request(request, method=method, headers=headers, body=body)
-        port = port or self.default_port or next(iter(self.required_ports), None)
+        supervisor = _supervisor(self)
+        options = supervisor.options
+        assert options is not None
+        port = port or options.default_port or next(iter(options.required_ports), None)
         if port is None:
             return Response("No port to send the request to\n", status=500)
-        self._inflight += 1
-        self.renew_activity_timeout()
-        handle = self._handle
+        lease = supervisor.lease()
+        # The lease is released exactly once: by the forwarder when the response body
+        # ends or is closed, or here when anything (an error, a cancellation) comes first.
         try:
-            if not (handle.running and not handle.paused and self._state.status == "healthy"):
-                await self._start([port], None, None, None)
-            host_port = handle.host_port(port)
-        except DockyardError as exc:
-            self._request_done()
-            return _start_failure(exc)
-        session = self._handle.manager.session
-        if request.is_websocket:
-            return await forward_websocket(
-                session,
-                host_port,
-                request,
-                on_message=self.renew_activity_timeout,
-                on_finished=self._request_done,
-                on_lost=self._lost,
-                tasks=self._tasks,
-            )
-        try:
+            try:
+                host_port = await supervisor.ready(port)
+            except DockyardError as exc:
+                lease.release()
+                return _start_failure(supervisor, exc)
+            manager = supervisor.manager
+            if request.is_websocket:
+                return await forward_websocket(
+                    manager.session,
+                    host_port,
+                    request,
+                    on_message=supervisor.renew,
+                    on_finished=lease.release,
+                    on_lost=supervisor.lost,
+                    own=supervisor.own,
+                )
             return await forward_http(
-                session,
-                self._handle.manager.upstream,
+                manager.session,
+                manager.upstream,
                 host_port,
                 request,
-                on_finished=self._request_done,
-                on_lost=self._lost,
+                on_finished=lease.release,
+                on_lost=supervisor.lost,
             )
-        except ContainerGone as exc:
-            return Response(f"{exc}\n", status=exc.status)
+        except DockyardError as exc:
+            lease.release()
+            return _error_response(supervisor, exc)
+        except BaseException:
+            lease.release()
+            raise
 
     # Exec
 
@@ -263,10 +247,13 @@ class Container(DurableObject):
         user: str | None = None,
     ) -> ExecResult:
         """Run a command in the running container; returns exit code, stdout and stderr."""
-        info = self._require_running("exec")
-        if self._handle.paused:
-            await self._start(None, None, None, None)
-        return await self._handle.runtime.exec(info, cmd, env=env, workdir=workdir, user=user)
+        supervisor = _supervisor(self)
+        container_id = _running_id(supervisor, "exec")
+        if supervisor.phase.value == "paused":
+            await supervisor.start(None, StartOverrides())
+        return await supervisor.manager.runtime.exec(
+            container_id, cmd, env=env, workdir=workdir, user=user
+        )
 
     def exec_stream(
         self,
@@ -277,12 +264,15 @@ class Container(DurableObject):
         user: str | None = None,
     ) -> ExecProcess:
         """``async with container.exec_stream(cmd) as proc: async for stream, chunk in proc``."""
-        info = self._require_running("exec_stream")
-        if self._handle.paused:
+        supervisor = _supervisor(self)
+        container_id = _running_id(supervisor, "exec_stream")
+        if supervisor.phase.value == "paused":
             raise ContainerError(
-                f"exec_stream: {self._label()} is paused; call start() to wake it first"
+                f"exec_stream: {supervisor} is paused; call start() to wake it first"
             )
-        return self._handle.runtime.exec_stream(info, cmd, env=env, workdir=workdir, user=user)
+        return supervisor.manager.runtime.exec_stream(
+            container_id, cmd, env=env, workdir=workdir, user=user
+        )
 
     # Schedules
 
@@ -295,251 +285,110 @@ class Container(DurableObject):
             raise ContainerError(
                 f"schedule(): {type(self).__name__} has no public method {method_name!r}"
             )
-        row = self._schedules.add(when, method_name, payload)
-        await self._arm_alarm()
+        row = _schedules(self).add(when, method_name, payload)
+        await self._dockyard_arm_alarm()
         return row
 
     async def get_schedule(self, schedule_id: str) -> Schedule | None:
-        return self._schedules.get(schedule_id)
+        return _schedules(self).get(schedule_id)
 
     async def list_schedules(self) -> list[Schedule]:
-        return self._schedules.all()
+        return _schedules(self).all()
 
     async def delete_schedule(self, schedule_id: str) -> bool:
-        deleted = self._schedules.delete(schedule_id)
-        await self._arm_alarm()
+        deleted = _schedules(self).delete(schedule_id)
+        await self._dockyard_arm_alarm()
         return deleted
 
-    # The alarm drives schedules and sleep.
+    # The alarm drives schedules (the supervisor keeps the sleep timer).
 
     async def alarm(self, info: Any) -> None:
-        for row in self._schedules.due(time.time()):
+        table = _schedules(self)
+        for row in table.due(time.time()):
             try:
                 result = getattr(self, row.callback)(row.payload)
                 if asyncio.iscoroutine(result):
                     await result
             except Exception:
-                log.exception("%s: scheduled call %s failed", self._label(), row.callback)
+                log.exception("%s: scheduled call %s failed", _supervisor(self), row.callback)
             finally:
-                self._schedules.delete(row.id)
-        if self._handle.paused:
-            if time.monotonic() >= self._paused_deadline:
-                await self.stop()
-        elif self._handle.running and time.monotonic() >= self._deadline:
-            if self._inflight == 0:
-                await self.on_activity_expired()
-            # Busy (or an override chose to keep running): look again after sleep_after.
-            if self._handle.running:
-                self.renew_activity_timeout()
-        await self._arm_alarm()
+                table.delete(row.id)
+        await self._dockyard_arm_alarm()
 
-    async def _arm_alarm(self) -> None:
-        due: list[float] = []
-        if self._handle.running:
-            deadline = self._paused_deadline if self._handle.paused else self._deadline
-            due.append(time.time() + max(0.0, deadline - time.monotonic()))
-        next_schedule = self._schedules.next_time()
-        if next_schedule is not None:
-            due.append(next_schedule)
-        if due:
-            await self.ctx.storage.set_alarm(min(due) * 1000)
+    async def _dockyard_arm_alarm(self) -> None:
+        next_time = _schedules(self).next_time()
+        if next_time is not None:
+            await self.ctx.storage.set_alarm(next_time * 1000)
         else:
             await self.ctx.storage.delete_alarm()
 
-    # Internals
+    # What the object host asks
 
     def _dockyard_keep_alive(self) -> bool:
-        return self._handle.running or self._inflight > 0 or self._starting is not None
+        return _supervisor(self).busy
 
     async def _dockyard_close(self) -> None:
-        monitor = [self._monitor] if self._monitor else []
-        for task in [*self._tasks, *monitor]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *monitor, return_exceptions=True)
         # This instance is going (a reload of the worker, a reset): its container is not.
-        # The next instance of the object takes it over instead of starting another.
-        self._handle.detach()
-
-    def _label(self) -> str:
-        name = getattr(self.ctx.id, "name", None)
-        return f"container {type(self).__name__}({name or str(self.ctx.id)[:12]})"
-
-    def _readiness(self) -> Readiness:
-        return Readiness(
-            self.ping_endpoint, self.port_timeout, self.probe_timeout, self.wait_interval
-        )
-
-    def _ports_to_check(self) -> list[int]:
-        if self.required_ports:
-            return list(self.required_ports)
-        return [self.default_port] if self.default_port is not None else []
-
-    def _published_ports(self) -> list[int]:
-        return sorted({*self.required_ports, *([self.default_port] if self.default_port else [])})
-
-    def _require_running(self, what: str) -> str:
-        if self._handle.info is None:
-            raise ContainerError(f"{what}: {self._label()} is not running; call start() first")
-        return self._handle.info.id
-
-    async def _restore(self) -> None:
-        stored = await self.ctx.storage.get(STATE_KEY)
-        if stored:
-            self._state = State(stored["status"], stored["last_change"], stored.get("exit_code"))
-        info = self._handle.adopt()
-        if info is not None:
-            log.info("%s adopted running container %s", self._label(), info.name)
-            self._watch()
-            if self._handle.paused:
-                self._paused_deadline = time.monotonic() + self._stop_paused_after
-                await self._set_state("paused")
-            elif self._state.status not in ("running", "healthy"):
-                await self._set_state("healthy")
-            await self._arm_alarm()
-        elif self._state.status in ("running", "healthy", "stopping"):
-            # The platform went away while it ran and the container is gone now.
-            await self._set_state("stopped")
-
-    async def _start(
-        self,
-        ports: list[int] | None,
-        env_vars: dict[str, str] | None,
-        entrypoint: list[str] | None,
-        enable_internet: bool | None,
-    ) -> None:
-        while self._starting is not None:
-            # Everyone asking while a start is under way shares that one start.
-            await asyncio.shield(self._starting)
-        ready = ports is None or self._state.status == "healthy"
-        if self._handle.running and not self._handle.paused and ready:
-            return
-        self._starting = asyncio.get_running_loop().create_future()
-        self._starter = asyncio.current_task()
-        try:
-            await self._start_once(ports, env_vars, entrypoint, enable_internet)
-        except BaseException as exc:
-            self._starting.set_exception(exc)
-            self._starting.exception()  # retrieved here; sharers re-raise their own copy
-            raise
-        else:
-            self._starting.set_result(None)
-        finally:
-            self._starting = None
-            self._starter = None
-
-    async def _start_once(
-        self,
-        ports: list[int] | None,
-        env_vars: dict[str, str] | None,
-        entrypoint: list[str] | None,
-        enable_internet: bool | None,
-    ) -> None:
-        if self._handle.paused:
-            # A thawed container carries on exactly where it was: no start, no probes.
-            await self._handle.unpause()
-            self.renew_activity_timeout()
-            await self._set_state("healthy")
-            await self._arm_alarm()
-            return
-        try:
-            if not self._handle.running:
-                await asyncio.wait_for(
-                    self._handle.start(
-                        env={**self.env_vars, **(env_vars or {})},
-                        entrypoint=entrypoint or self.entrypoint,
-                        enable_internet=(
-                            self.enable_internet if enable_internet is None else enable_internet
-                        ),
-                        ports=sorted({*self._published_ports(), *(ports or [])}),
-                    ),
-                    self.start_timeout,
-                )
-                self._stop_reason = None
-                self._watch()
-                self.renew_activity_timeout()
-                await self._set_state("running")
-                await self._arm_alarm()
-            if ports:
-                for port in ports:
-                    await wait_for_port(
-                        self._handle,
-                        port,
-                        self._readiness(),
-                        stopped=self._stopped,
-                        exit_code=lambda: self._state.exit_code,
-                    )
-                await self._set_state("healthy")
-        except TimeoutError:
-            await self._abandon_start()
-            error: BaseException = StartFailed(
-                f"the engine did not start the container within {self.start_timeout}s"
-            )
-        except DockyardError as exc:
-            if isinstance(exc, StartFailed):
-                await self._abandon_start()
-            error = exc
-        else:
-            await self.on_start()
-            return
-        await self.on_error(error)
-        raise error
-
-    async def _abandon_start(self) -> None:
-        """A start that failed halfway leaves nothing running."""
-        if self._handle.running:
-            self._stop_reason = "destroy"
-            await self._handle.destroy()
-            await self._stopped.wait()
-
-    def _watch(self) -> None:
-        self._stopped.clear()
-        self._monitor = asyncio.create_task(self._watch_exit())
-
-    async def _watch_exit(self) -> None:
-        status: ExitStatus = await self._handle.monitor()
-        asked: StopReason | None = "stop" if self._handle.stopped_by_platform else None
-        reason: StopReason = "oom" if status.oom_killed else (self._stop_reason or asked or "exit")
-        self._stop_reason = None
-        if reason == "oom":
-            log.warning(
-                "%s was killed for running out of memory (limit %s MiB)",
-                self._label(),
-                self._handle.manager.classes[self._handle.class_name].config.resources.memory_mib,
-            )
-        if reason in ("stop", "destroy"):
-            await self._set_state("stopped", status.exit_code)
-        else:
-            await self._set_state("stopped_with_code", status.exit_code)
-        self._stopped.set()
-        try:
-            await self.on_stop(StopParams(exit_code=status.exit_code, reason=reason))
-        except Exception:
-            log.exception("%s: on_stop failed", self._label())
-        await self._arm_alarm()
-
-    def _request_done(self) -> None:
-        self._inflight -= 1
-        self.renew_activity_timeout()
-
-    def _lost(self, error: BaseException) -> ContainerGone:
-        if self._handle.running:
-            return ContainerGone(
-                f"the connection to {self._label()} broke mid-request ({error}); try again"
-            )
-        return ContainerGone(
-            f"{self._label()} stopped while handling the request "
-            f"(exit code {self._state.exit_code}); try again"
-        )
-
-    async def _set_state(self, status: Status, exit_code: int | None = None) -> None:
-        self._state = State(status, time.time(), exit_code)
-        await self.ctx.storage.put(
-            STATE_KEY,
-            {"status": status, "last_change": self._state.last_change, "exit_code": exit_code},
-        )
+        # The supervisor stays with the node; the next instance attaches to it.
+        _supervisor(self).detach(self)
 
 
-def _start_failure(error: DockyardError) -> Response:
+def _supervisor(instance: Container) -> ContainerSupervisor:
+    supervisor = instance.ctx.container
+    assert isinstance(supervisor, ContainerSupervisor)
+    return supervisor
+
+
+def _schedules(instance: Container) -> ScheduleTable:
+    return ScheduleTable(instance.ctx.storage)
+
+
+def _options(cls: type[Container], supervisor: ContainerSupervisor) -> ContainerOptions:
+    name = cls.__name__
+    if cls.sleep_mode not in ("stop", "pause"):
+        raise ContainerError(f"{name}.sleep_mode must be 'stop' or 'pause', got {cls.sleep_mode!r}")
+    return ContainerOptions(
+        class_name=supervisor.class_name,
+        default_port=cls.default_port,
+        required_ports=tuple(cls.required_ports),
+        sleep_after=parse_duration(cls.sleep_after, where=f"{name}.sleep_after"),
+        sleep_mode=cls.sleep_mode,
+        stop_paused_after=parse_duration(cls.stop_paused_after, where=f"{name}.stop_paused_after"),
+        env_vars=dict(cls.env_vars),
+        entrypoint=tuple(cls.entrypoint) if cls.entrypoint is not None else None,
+        enable_internet=cls.enable_internet,
+        readiness=Readiness(
+            cls.ping_endpoint, cls.port_timeout, cls.probe_timeout, cls.wait_interval
+        ),
+        start_timeout=cls.start_timeout,
+        stop_timeout=cls.stop_timeout,
+        start_boost=cls.start_boost,
+        cap_add=tuple(cls.cap_add),
+        pids_limit=cls.pids_limit,
+        read_only_root=cls.read_only_root,
+    )
+
+
+def _running_id(supervisor: ContainerSupervisor, what: str) -> str:
+    if supervisor.info is None:
+        raise ContainerError(f"{what}: {supervisor} is not running; call start() first")
+    return supervisor.info.id
+
+
+def _start_failure(supervisor: ContainerSupervisor, error: DockyardError) -> Response:
     if error.status in (429, 503):
-        return Response(f"{error}\n", status=error.status)
-    return Response(f"Failed to start container: {error}\n", status=500)
+        return _error_response(supervisor, error)
+    return _error_response(supervisor, error, prefix="Failed to start container")
+
+
+def _error_response(
+    supervisor: ContainerSupervisor, error: DockyardError, prefix: str | None = None
+) -> Response:
+    """Clients get a short message and an error id; the log gets the details."""
+    ident = error_id()
+    log.warning("%s: error %s: %s", supervisor, ident, error)
+    if supervisor.manager.settings.debug_errors:
+        detail = f"{prefix}: {error}" if prefix else str(error)
+    else:
+        detail = f"{prefix}: {error.public}" if prefix else error.public
+    return Response(f"{detail} (error id {ident})\n", status=error.status)

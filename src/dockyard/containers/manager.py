@@ -1,9 +1,11 @@
-"""The node's side of containers: images, capacity, adoption after restarts, shutdown.
+"""The node's side of containers: images, capacity, supervisors, adoption, shutdown.
 
-One ``ContainerManager`` per app. Each Container object gets a ``ContainerHandle`` (its
-``ctx.container``) through which it starts, signals and watches its one container; the
-manager enforces ``max_instances`` and the start rate across all of them, and is the one
-place that knows every container the app runs, so nothing is left behind on exit.
+One ``ContainerManager`` per app. It owns one ``ContainerSupervisor`` per object that
+has (or had) a container, enforces ``max_instances`` and the start rate across them,
+and is the one place that knows every container the app runs, so nothing is left
+behind on exit. It only ever touches containers labelled with its own ``owner``
+(unique to one state folder or node): another Dockyard's containers, even of an app
+with the same name, are never adopted, stopped or removed.
 """
 
 from __future__ import annotations
@@ -11,33 +13,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from ..config import Config, ContainerConfig
 from ..errors import ContainerError, ImageError, NoCapacity, TooManyStarts
+from ..settings import ContainerSettings
+from . import labels
 from .images import ensure_image
 from .proxy import open_session
-from .runtime import ContainerInfo, ContainerRuntime, ContainerSpec, ExitStatus
+from .runtime import ContainerInfo, ContainerRuntime, ContainerSpec
+from .supervisor import ContainerOptions, ContainerSupervisor, Phase
 from .upstream import UpstreamPool
 
-__all__ = ["ContainerHandle", "ContainerManager"]
+__all__ = ["ContainerManager"]
 
 log = logging.getLogger("dockyard.containers")
-
-LABEL_APP = "dockyard.app"
-LABEL_CLASS = "dockyard.class"
-LABEL_OBJECT = "dockyard.object_id"
-LABEL_NAME = "dockyard.object_name"
-LABEL_VERSION = "dockyard.version"
-
-# Platform stops (dev exit, sleep) send SIGTERM, then SIGKILL after this many seconds.
-DEFAULT_STOP_GRACE = 10.0
-# Starts per second per class before a start is answered with 429.
-DEFAULT_STARTS_PER_SECOND = 100
 
 Waker = Callable[[str, str], Awaitable[None]]
 
@@ -47,6 +42,8 @@ class ClassImage:
     config: ContainerConfig
     image: str | None = None
     error: ImageError | None = None
+    # The instance type's CPUs, capped to what the engine's host has.
+    vcpu: float | None = None
 
     @property
     def version(self) -> str:
@@ -66,31 +63,34 @@ class ContainerManager:
         self,
         runtime: ContainerRuntime,
         config: Config,
+        settings: ContainerSettings | None = None,
         *,
-        location: str = "local",
-        stop_grace: float = DEFAULT_STOP_GRACE,
-        starts_per_second: int = DEFAULT_STARTS_PER_SECOND,
+        owner: str,
         on_build_output: Callable[[str], None] | None = None,
     ) -> None:
         self.runtime = runtime
         self.app = config.name
-        self.location = location
-        self.stop_grace = stop_grace
-        self.starts_per_second = starts_per_second
+        self.owner = owner
+        self.settings = settings or ContainerSettings()
         self._config = config
         self._on_build_output = on_build_output or (lambda line: log.info("%s", line))
         self.classes: dict[str, ClassImage] = {
             c.class_name: ClassImage(c) for c in config.containers
         }
         self._capacity: dict[str, _Capacity] = {name: _Capacity() for name in self.classes}
-        self._adoptable: dict[str, ContainerInfo] = {}
-        self._exits: dict[str, asyncio.Event] = {}
+        self._supervisors: dict[tuple[str, str], ContainerSupervisor] = {}
         self._session: aiohttp.ClientSession | None = None
         self._upstream = UpstreamPool()
         self._waker: Waker | None = None
         self._warned_disk = False
+        self._stopping = False
         # Containers the platform itself stopped (at exit), so their end reads as a stop.
         self.platform_stops: set[str] = set()
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The labels that select this manager's containers on the engine."""
+        return {labels.APP: self.app, labels.OWNER: self.owner}
 
     @property
     def upstream(self) -> UpstreamPool:
@@ -104,18 +104,61 @@ class ContainerManager:
         return self._session
 
     def set_waker(self, waker: Waker) -> None:
-        """How to bring an object to life so it can adopt its running container."""
+        """How to bring an object to life so its instance attaches to its supervisor."""
         self._waker = waker
 
-    def handle(self, class_name: str, object_id: str, object_name: str | None) -> ContainerHandle:
-        return ContainerHandle(self, class_name, object_id, object_name)
+    def supervisor(
+        self, class_name: str, object_id: str, object_name: str | None
+    ) -> ContainerSupervisor:
+        """The one supervisor of this object's container (made on first use)."""
+        self.image_entry(class_name)
+        key = (class_name, object_id)
+        supervisor = self._supervisors.get(key)
+        if supervisor is None:
+            supervisor = ContainerSupervisor(self, class_name, object_id, object_name)
+            self._supervisors[key] = supervisor
+        elif supervisor.object_name is None and object_name is not None:
+            supervisor.object_name = object_name
+        return supervisor
+
+    def forget_if_idle(self, supervisor: ContainerSupervisor) -> None:
+        """Drop a supervisor nothing needs any more (no instance, no container, no work)."""
+        key = (supervisor.class_name, supervisor.object_id)
+        if not supervisor.attached and not supervisor.busy and not self._stopping:
+            if self._supervisors.get(key) is supervisor:
+                del self._supervisors[key]
+
+    def supervisors(self) -> list[ContainerSupervisor]:
+        return list(self._supervisors.values())
+
+    async def wake(self, supervisor: ContainerSupervisor) -> None:
+        if self._waker is not None:
+            await self._waker(supervisor.class_name, supervisor.object_id)
+
+    def phase_changed(self, supervisor: ContainerSupervisor) -> None:
+        """Every phase change of every container passes here (metrics hang off it)."""
 
     # Lifecycle
 
     async def start(self) -> None:
+        cpus = float(os.cpu_count() or 1)
         for name, entry in self.classes.items():
+            self._cap_cpus(name, entry, cpus)
             await self._prepare_image(name, entry)
         await self._adopt_or_remove()
+
+    def _cap_cpus(self, name: str, entry: ClassImage, cpus: float) -> None:
+        wanted = entry.config.resources.vcpu
+        entry.vcpu = min(wanted, cpus)
+        if wanted > cpus:
+            log.warning(
+                "Container class %s asks for %g vCPU (instance_type); this host has %g: "
+                "its containers get %g",
+                name,
+                wanted,
+                cpus,
+                cpus,
+            )
 
     async def _prepare_image(self, name: str, entry: ClassImage) -> None:
         c = entry.config
@@ -137,80 +180,72 @@ class ContainerManager:
             log.error("Image for %s is not available: %s", name, exc)
 
     async def _adopt_or_remove(self) -> None:
-        """Re-take the containers a previous run of this app left behind, or remove them."""
-        found = await self.runtime.list({LABEL_APP: self.app})
-        by_object: dict[str, list[ContainerInfo]] = {}
+        """Re-take the containers a previous run of this app left behind, or remove them.
+
+        Only containers with this manager's owner label: the lock on the state folder
+        (or the node's data folder) makes sure no other live Dockyard has that owner.
+        """
+        found = await self.runtime.list(self.labels)
+        by_object: dict[tuple[str, str], list[ContainerInfo]] = {}
         for info in found:
-            entry = self.classes.get(info.labels.get(LABEL_CLASS, ""))
+            entry = self.classes.get(info.labels.get(labels.CLASS, ""))
             current = (
                 entry is not None
                 and entry.image is not None
-                and info.running
-                and info.labels.get(LABEL_VERSION) == entry.version
+                and info.status in ("running", "paused")
+                and info.labels.get(labels.VERSION) == entry.version
             )
             if current:
-                by_object.setdefault(info.labels.get(LABEL_OBJECT, ""), []).append(info)
+                key = (info.labels[labels.CLASS], info.labels.get(labels.OBJECT, ""))
+                by_object.setdefault(key, []).append(info)
             else:
                 log.info("Removing leftover container %s (%s)", info.name, info.status)
                 await self.runtime.remove(info.id)
-        for object_id, infos in by_object.items():
+        for (class_name, object_id), infos in by_object.items():
             newest, *extra = sorted(infos, key=lambda i: str(i.started_at), reverse=True)
             for duplicate in extra:
                 log.warning(
                     "Removing duplicate container %s for object %s", duplicate.name, object_id
                 )
                 await self.runtime.remove(duplicate.id)
-            self._adoptable[object_id] = newest
-            self._capacity[newest.labels[LABEL_CLASS]].running.add(newest.id)
-        for object_id, info in list(self._adoptable.items()):
-            log.info("Adopting running container %s", info.name)
-            if self._waker is not None:
-                await self._waker(info.labels[LABEL_CLASS], object_id)
+            name = newest.labels.get(labels.NAME) or None
+            supervisor = self.supervisor(class_name, object_id, name)
+            self._capacity[class_name].running.add(newest.id)
+            supervisor.adopt(newest)
+        for supervisor in self.supervisors():
+            # The instance attaches and arms the sleep timer with its class's settings.
+            await self.wake(supervisor)
 
     async def stop(self) -> None:
         """Stop every container of this app (SIGTERM, then SIGKILL after the grace period)."""
-        running = [cid for cap in self._capacity.values() for cid in cap.running]
-        for info in self._adoptable.values():  # adopted but never claimed by an object
-            if info.id not in running:
-                running.append(info.id)
+        self._stopping = True
+        supervisors = self.supervisors()
+        running = [s for s in supervisors if s.info is not None]
         if running:
             log.info("Stopping %d container(s)", len(running))
-        await asyncio.gather(*(self._stop_one(cid) for cid in running), return_exceptions=True)
+        for supervisor in running:
+            assert supervisor.info is not None
+            self.platform_stops.add(supervisor.info.id)
+        await asyncio.gather(
+            *(s.aclose(self.settings.stop_grace) for s in supervisors), return_exceptions=True
+        )
         # A start cut short (a timeout between create and start) can leave a container
         # that never ran; nothing of this app stays behind.
         try:
-            for info in await self.runtime.list({LABEL_APP: self.app}):
-                if not info.running:
+            for info in await self.runtime.list(self.labels):
+                if info.status not in ("running", "paused") or info.id in self.platform_stops:
                     await self.runtime.remove(info.id)
         except ContainerError as exc:
             log.warning("Could not clean up stopped containers: %s", exc)
+        self._supervisors.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
         self._upstream.close()
 
-    async def _stop_one(self, container_id: str) -> None:
-        self.platform_stops.add(container_id)
-        await self.runtime.stop(container_id, self.stop_grace)
-        exited = self._exits.get(container_id)
-        if exited is not None:
-            # Let the owning object record the exit and run on_stop before we go.
-            try:
-                await asyncio.wait_for(exited.wait(), 5.0)
-            except TimeoutError:
-                pass
-        await self.runtime.remove(container_id)
+    # Used by supervisors
 
-    # Used by handles
-
-    def claim_adopted(self, object_id: str) -> ContainerInfo | None:
-        return self._adoptable.pop(object_id, None)
-
-    def offer_for_adoption(self, object_id: str, info: ContainerInfo) -> None:
-        """A container whose object instance went away, for the next instance to take."""
-        self._adoptable[object_id] = info
-
-    def image_for(self, class_name: str) -> ClassImage:
+    def image_entry(self, class_name: str) -> ClassImage:
         entry = self.classes.get(class_name)
         if entry is None:
             raise ContainerError(
@@ -218,14 +253,26 @@ class ContainerManager:
                 f'{{"class_name": "{class_name}", "image": "./Dockerfile"}} to containers '
                 "in the wrangler config"
             )
+        return entry
+
+    async def launch(
+        self,
+        supervisor: ContainerSupervisor,
+        options: ContainerOptions | None = None,
+        *,
+        env: dict[str, str],
+        entrypoint: Sequence[str] | None,
+        enable_internet: bool,
+        ports: Sequence[int],
+        boost: bool,
+    ) -> ContainerInfo:
+        class_name = supervisor.class_name
+        entry = self.image_entry(class_name)
         if entry.error is not None:
             raise entry.error
         assert entry.image is not None
-        return entry
-
-    async def launch(self, class_name: str, spec: ContainerSpec) -> ContainerInfo:
         cap = self._capacity[class_name]
-        limit = self.classes[class_name].config.max_instances
+        limit = entry.config.max_instances
         if len(cap.running) + cap.starting >= limit:
             raise NoCapacity(
                 f"max_instances ({limit}) reached for container class {class_name!r}: "
@@ -234,19 +281,43 @@ class ContainerManager:
             )
         now = time.monotonic()
         cap.recent_starts = [t for t in cap.recent_starts if now - t < 1.0]
-        if len(cap.recent_starts) >= self.starts_per_second:
+        if len(cap.recent_starts) >= self.settings.starts_per_second:
             raise TooManyStarts(
-                f"more than {self.starts_per_second} starts per second for container class "
-                f"{class_name!r}; retry shortly"
+                f"more than {self.settings.starts_per_second} starts per second for container "
+                f"class {class_name!r}; retry shortly"
             )
         cap.recent_starts.append(now)
+        resources = entry.config.resources
+        spec = ContainerSpec(
+            image=entry.image,
+            labels={
+                labels.APP: self.app,
+                labels.OWNER: self.owner,
+                labels.CLASS: class_name,
+                labels.OBJECT: supervisor.object_id,
+                labels.NAME: supervisor.object_name or "",
+                labels.VERSION: entry.version,
+            },
+            env={
+                **env,
+                "DOCKYARD_DURABLE_OBJECT_ID": supervisor.object_id,
+                "DOCKYARD_APPLICATION": self.app,
+                "DOCKYARD_LOCATION": self.settings.location,
+            },
+            entrypoint=entrypoint,
+            ports=sorted(set(ports)),
+            vcpu=None if boost else entry.vcpu,
+            memory_mib=resources.memory_mib,
+            disk_mb=resources.disk_mb,
+            enable_internet=enable_internet,
+        )
+        spec = _harden(spec, options)
         cap.starting += 1
         try:
             info = await self.runtime.run(spec)
         finally:
             cap.starting -= 1
         cap.running.add(info.id)
-        self._exits[info.id] = asyncio.Event()
         if self.runtime.capabilities.disk_limit is False and not self._warned_disk:
             self._warned_disk = True
             log.warning(
@@ -255,155 +326,35 @@ class ContainerManager:
             )
         return info
 
-    def adopted(self, class_name: str, info: ContainerInfo) -> None:
-        self._capacity[class_name].running.add(info.id)
-        self._exits.setdefault(info.id, asyncio.Event())
+    async def apply_cpu_quota(self, supervisor: ContainerSupervisor) -> None:
+        """End a start boost: the container gets its instance type's CPU quota."""
+        info = supervisor.info
+        vcpu = self.image_entry(supervisor.class_name).vcpu
+        if info is None or vcpu is None:
+            return
+        await self.runtime.set_cpu_limit(info.id, vcpu)
 
-    def exited(self, class_name: str, container_id: str) -> None:
-        self._capacity[class_name].running.discard(container_id)
-        event = self._exits.pop(container_id, None)
-        if event is not None:
-            event.set()
+    def exited(self, supervisor: ContainerSupervisor, container_id: str) -> None:
+        self._capacity[supervisor.class_name].running.discard(container_id)
 
     def running_count(self, class_name: str) -> int:
         return len(self._capacity[class_name].running)
 
+    def live_phases(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for supervisor in self._supervisors.values():
+            if supervisor.phase is not Phase.STOPPED:
+                counts[supervisor.phase.value] = counts.get(supervisor.phase.value, 0) + 1
+        return counts
 
-class ContainerHandle:
-    """``ctx.container`` of one Container object: its one container on the engine."""
 
-    def __init__(
-        self,
-        manager: ContainerManager,
-        class_name: str,
-        object_id: str,
-        object_name: str | None,
-    ) -> None:
-        self.manager = manager
-        self.runtime = manager.runtime
-        self.class_name = class_name
-        self.object_id = object_id
-        self.object_name = object_name
-        self.info: ContainerInfo | None = None
-        self.paused = False
-        self.stopped_by_platform = False
-        self.last_output: list[str] = []
-
-    def last_output_summary(self) -> str:
-        return "; last output: " + " | ".join(self.last_output) if self.last_output else ""
-
-    @property
-    def running(self) -> bool:
-        return self.info is not None
-
-    def adopt(self) -> ContainerInfo | None:
-        info = self.manager.claim_adopted(self.object_id)
-        if info is not None:
-            self.manager.adopted(self.class_name, info)
-            self.info = info
-            self.paused = info.status == "paused"
-        return info
-
-    async def start(
-        self,
-        *,
-        env: Mapping[str, str],
-        entrypoint: Sequence[str] | None,
-        enable_internet: bool,
-        ports: Sequence[int],
-        labels: Mapping[str, str] | None = None,
-    ) -> ContainerInfo:
-        entry = self.manager.image_for(self.class_name)
-        resources = entry.config.resources
-        assert entry.image is not None
-        spec = ContainerSpec(
-            image=entry.image,
-            labels={
-                **(labels or {}),
-                LABEL_APP: self.manager.app,
-                LABEL_CLASS: self.class_name,
-                LABEL_OBJECT: self.object_id,
-                LABEL_NAME: self.object_name or "",
-                LABEL_VERSION: entry.version,
-            },
-            env={
-                **env,
-                "DOCKYARD_DURABLE_OBJECT_ID": self.object_id,
-                "DOCKYARD_APPLICATION": self.manager.app,
-                "DOCKYARD_LOCATION": self.manager.location,
-            },
-            entrypoint=entrypoint,
-            ports=sorted(set(ports)),
-            vcpu=resources.vcpu,
-            memory_mib=resources.memory_mib,
-            disk_mb=resources.disk_mb,
-            enable_internet=enable_internet,
-        )
-        self.info = await self.manager.launch(self.class_name, spec)
-        return self.info
-
-    async def monitor(self) -> ExitStatus:
-        """Wait for the container to exit, then remove it and give its slot back."""
-        info = self.info
-        assert info is not None, "monitor() before start()"
-        try:
-            status = await self.runtime.wait(info.id)
-        except ContainerError:
-            status = ExitStatus(exit_code=-1, oom_killed=False)
-        # Keep the last words before the container (and its log) is removed.
-        try:
-            self.last_output = [line async for line in self.runtime.logs(info.id, tail=5)]
-        except ContainerError:
-            self.last_output = []
-        try:
-            await self.runtime.remove(info.id)
-        except ContainerError as exc:
-            log.warning("Could not remove container %s: %s", info.name, exc)
-        self.info = None
-        self.paused = False
-        self.stopped_by_platform = info.id in self.manager.platform_stops
-        self.manager.exited(self.class_name, info.id)
-        return status
-
-    def host_port(self, port: int) -> int:
-        assert self.info is not None
-        host_port = self.info.host_ports.get(port)
-        if host_port is None:
-            published = ", ".join(str(p) for p in sorted(self.info.host_ports)) or "none"
-            raise ContainerError(
-                f"port {port} of the container is not published (published: {published}); "
-                "list it in default_port or required_ports of the Container class"
-            )
-        return host_port
-
-    def detach(self) -> None:
-        """Let go of a running container so another instance of the object adopts it."""
-        if self.info is not None:
-            paused = self.paused
-            self.manager.offer_for_adoption(
-                self.object_id,
-                dataclasses.replace(self.info, status="paused" if paused else "running"),
-            )
-            self.info = None
-            self.paused = False
-
-    async def pause(self) -> None:
-        if self.info is not None and not self.paused:
-            await self.runtime.pause(self.info.id)
-            self.paused = True
-
-    async def unpause(self) -> None:
-        if self.info is not None and self.paused:
-            await self.runtime.unpause(self.info.id)
-            self.paused = False
-
-    async def signal(self, sig: str | int) -> None:
-        if self.info is not None:
-            # A frozen process cannot act on a signal: thaw it first.
-            await self.unpause()
-            await self.runtime.signal(self.info.id, sig)
-
-    async def destroy(self) -> None:
-        if self.info is not None:
-            await self.unpause()
-            await self.runtime.kill(self.info.id)
+def _harden(spec: ContainerSpec, options: ContainerOptions | None) -> ContainerSpec:
+    """Apply what a class asked to loosen of the engine's hardening defaults."""
+    if options is None:
+        return spec
+    return dataclasses.replace(
+        spec,
+        cap_add=options.cap_add,
+        read_only=options.read_only_root,
+        pids_limit=spec.pids_limit if options.pids_limit is None else options.pids_limit,
+    )

@@ -7,6 +7,7 @@ owning Container can keep its in-flight count and its sleep timer right.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -87,9 +88,6 @@ async def forward_http(
     ``on_lost`` turns a connection failure into the error to raise (it knows whether
     the container is still there).
     """
-    if request.method == "HEAD":
-        # The lean client cannot tell its parser that a HEAD answer has no body.
-        return await _forward_head(session, host_port, request, on_finished, on_lost)
     url = URL(request.url)
     target = url.raw_path_qs if url.is_absolute() else URL(CONTAINER_BASE_URL).join(url).raw_path_qs
     body: bytes | AsyncIterator[bytes] | None = None
@@ -164,32 +162,18 @@ class _Relay:
     async def aclose(self) -> None:
         self._finish()
 
+    def __del__(self) -> None:
+        # A body nobody read to the end nor closed (a worker that dropped the response)
+        # must still end the request's hold on the container.
+        if not self._done:
+            with contextlib.suppress(Exception):
+                self._finish()
+
     def _finish(self) -> None:
         if not self._done:
             self._done = True
             self._upstream.release()
             self._on_finished()
-
-
-async def _forward_head(
-    session: aiohttp.ClientSession,
-    host_port: int,
-    request: Request,
-    on_finished: Callable[[], None],
-    on_lost: Callable[[BaseException], ContainerGone],
-) -> Response:
-    try:
-        async with session.head(
-            target_url(request.url, host_port),
-            headers=_forward_headers(request),
-            allow_redirects=False,
-        ) as upstream:
-            headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
-            return Response(None, status=upstream.status, headers=headers)
-    except (TimeoutError, aiohttp.ClientConnectionError) as exc:
-        raise on_lost(exc) from exc
-    finally:
-        on_finished()
 
 
 async def forward_websocket(
@@ -200,7 +184,7 @@ async def forward_websocket(
     on_message: Callable[[], None],
     on_finished: Callable[[], None],
     on_lost: Callable[[BaseException], ContainerGone],
-    tasks: set[asyncio.Task[Any]],
+    own: Callable[[asyncio.Task[Any]], None],
 ) -> Response:
     """Open a WebSocket to the container and hand the client end back as a 101."""
     protocols = [
@@ -254,9 +238,7 @@ async def forward_websocket(
             await server.close(1000, "")
             on_finished()
 
-    task = asyncio.create_task(bridge())
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
+    own(asyncio.create_task(bridge()))
     response_headers = {}
     if upstream.protocol:
         response_headers["sec-websocket-protocol"] = upstream.protocol

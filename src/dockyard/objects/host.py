@@ -26,6 +26,7 @@ from dockyard.http import Request, Response
 from .alarms import AlarmInfo, AlarmScheduler, AlarmSlot
 from .base import DurableObject, DurableObjectState
 from .cell import Cell
+from .files import OpenFiles
 from .ids import DurableObjectId
 from .namespace import DurableObjectNamespace
 from .storage import DurableObjectStorage
@@ -52,8 +53,16 @@ class ObjectHost:
 
     stop_grace = 5.0  # seconds stop() waits for in-flight calls
 
-    def __init__(self, state_dir: Path, *, app: str, idle_timeout: float = 70.0) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        app: str,
+        idle_timeout: float = 70.0,
+        open_files: OpenFiles | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir)
+        self._open_files = open_files
         self.app = app
         self.idle_timeout = idle_timeout
         self._objects_dir = self.state_dir / "objects"
@@ -172,8 +181,10 @@ class ObjectHost:
                     f"got {type(response).__name__}"
                 )
             socket = response.web_socket
-            if socket is not None and not socket.closed:
-                # An open WebSocket pins the object in memory until it closes.
+            hibernatable = getattr(socket, "hibernatable", False)  # see compat.hibernation
+            if socket is not None and not socket.closed and not hibernatable:
+                # An open WebSocket pins the object in memory until it closes (unless
+                # ctx.acceptWebSocket handed it to the runtime: then the object may sleep).
                 cell.own(asyncio.ensure_future(socket.wait_closed()))
             return response
 
@@ -273,7 +284,9 @@ class ObjectHost:
         path = self._objects_dir / class_name / f"{object_id.hex}.sqlite"
         alarm = AlarmSlot(self.alarms, class_name, object_id.hex, object_id.name)
         holder: list[Cell] = []
-        storage = DurableObjectStorage(path, alarm, hold=lambda: self._hold(holder[0]))
+        storage = DurableObjectStorage(
+            path, alarm, hold=lambda: self._hold(holder[0]), open_files=self._open_files
+        )
         cell = Cell(self, class_name, cls, object_id, storage)
         holder.append(cell)
         factory = self._extensions.get(class_name)

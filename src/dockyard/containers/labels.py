@@ -1,0 +1,43 @@
+"""The labels Dockyard puts on every engine container: its one schema.
+
+The platform can rebuild its whole picture of what runs from these labels alone
+(after a crash, a restart, an engine outage), and they say who owns a container:
+``dockyard.owner`` is unique to one running Dockyard (a dev state folder, or a node),
+so two projects that share an app name never touch each other's containers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from pathlib import Path
+
+__all__ = [
+    "APP",
+    "CLASS",
+    "NAME",
+    "OBJECT",
+    "OWNER",
+    "RESERVED_PREFIX",
+    "VERSION",
+    "dev_owner",
+]
+
+# Every label Dockyard sets starts with this; a class's own labels may not.
+RESERVED_PREFIX = "dockyard."
+
+APP = "dockyard.app"
+CLASS = "dockyard.class"
+OBJECT = "dockyard.object_id"
+NAME = "dockyard.object_name"
+VERSION = "dockyard.version"
+OWNER = "dockyard.owner"
+
+
+def dev_owner(state_dir: Path) -> str:
+    """The owner of a ``dockyard dev`` app's containers: this machine and state folder.
+
+    Unique to one running Dockyard (the state folder is locked while it runs).
+    """
+    where = f"{socket.gethostname()}:{Path(state_dir).resolve()}"
+    return "dev-" + hashlib.sha256(where.encode()).hexdigest()[:16]

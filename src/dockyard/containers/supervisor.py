@@ -1,0 +1,733 @@
+"""``ContainerSupervisor``: the node's owner of one object's container.
+
+The user's ``Container`` subclass is a thin facade; everything that keeps a container
+right lives here, owned by the node rather than by an instance of user code:
+
+- one explicit ``Phase``, changed only through ``_enter`` (the allowed transitions are
+  the ``TRANSITIONS`` table below);
+- the start task, shared by every caller and shielded from their cancellation (a
+  caller that gives up never fails the start for the others);
+- the in-flight count, kept by ``Lease`` objects that are released exactly once
+  whatever ends a request (an answer, an error, a cancellation, a client that left);
+- the sleep timer, the exit monitor and the engine handle (the container's id and
+  host ports);
+- the tasks it starts (exit monitor, WebSocket bridges, hook calls), cancelled and
+  awaited by ``aclose``.
+
+A worker reload replaces the facade instance, never the supervisor: the next instance
+attaches to the same supervisor, so an object never has two containers. Hooks
+(``on_start``, ``on_stop``, ``on_error``, ``on_activity_expired``) are called on
+whichever instance is attached, and the instance is brought back (``wake``) when a hook
+is due and none is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from ..errors import ContainerError, ContainerGone, EngineUnavailable, StartFailed
+from .readiness import Readiness, wait_for_port
+from .runtime import ContainerInfo, ExitStatus
+from .state import State, Status, StopParams, StopReason
+
+if TYPE_CHECKING:
+    from .manager import ContainerManager
+
+__all__ = ["ContainerOptions", "ContainerSupervisor", "Lease", "Phase"]
+
+log = logging.getLogger("dockyard.containers")
+
+
+class Phase(enum.Enum):
+    STOPPED = "stopped"  # no container
+    STARTING = "starting"  # the engine is creating and starting it
+    RUNNING = "running"  # started; its ports are not verified yet
+    HEALTHY = "healthy"  # its ports answered
+    PAUSED = "paused"  # frozen (sleep_mode = "pause")
+    STOPPING = "stopping"  # signalled; waiting for it to exit
+    UNKNOWN = "unknown"  # the engine does not answer: it may still run
+
+
+# The only ways the phase may change. A container found running at start-up (adopted)
+# enters RUNNING, HEALTHY or PAUSED straight from STOPPED.
+TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
+    Phase.STOPPED: frozenset({Phase.STARTING, Phase.HEALTHY, Phase.PAUSED}),
+    Phase.STARTING: frozenset({Phase.RUNNING, Phase.HEALTHY, Phase.PAUSED, Phase.STOPPED}),
+    Phase.RUNNING: frozenset(
+        {Phase.HEALTHY, Phase.PAUSED, Phase.STOPPING, Phase.STOPPED, Phase.UNKNOWN}
+    ),
+    Phase.HEALTHY: frozenset({Phase.PAUSED, Phase.STOPPING, Phase.STOPPED, Phase.UNKNOWN}),
+    Phase.PAUSED: frozenset({Phase.STARTING, Phase.STOPPING, Phase.STOPPED, Phase.UNKNOWN}),
+    Phase.STOPPING: frozenset({Phase.STOPPED, Phase.UNKNOWN}),
+    Phase.UNKNOWN: frozenset({Phase.RUNNING, Phase.HEALTHY, Phase.PAUSED, Phase.STOPPED}),
+}
+
+_LIVE = frozenset({Phase.RUNNING, Phase.HEALTHY, Phase.PAUSED, Phase.STOPPING, Phase.UNKNOWN})
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerOptions:
+    """What a Container class says about its container, read once per class."""
+
+    class_name: str
+    default_port: int | None
+    required_ports: tuple[int, ...]
+    sleep_after: float
+    sleep_mode: Literal["stop", "pause"]
+    stop_paused_after: float
+    env_vars: Mapping[str, str]
+    entrypoint: tuple[str, ...] | None
+    enable_internet: bool
+    readiness: Readiness
+    start_timeout: float
+    stop_timeout: float
+    start_boost: bool
+    # Hardening a class may loosen (see ContainerSpec): capabilities it needs back,
+    # its own process limit, a read-only root.
+    cap_add: tuple[str, ...] = ()
+    pids_limit: int | None = None
+    read_only_root: bool = False
+
+    @property
+    def ports_to_check(self) -> list[int]:
+        if self.required_ports:
+            return list(self.required_ports)
+        return [self.default_port] if self.default_port is not None else []
+
+    @property
+    def declared_ports(self) -> list[int]:
+        default = [self.default_port] if self.default_port is not None else []
+        return sorted({*self.required_ports, *default})
+
+
+@dataclass(frozen=True, slots=True)
+class StartOverrides:
+    env_vars: Mapping[str, str] | None = None
+    entrypoint: Sequence[str] | None = None
+    enable_internet: bool | None = None
+
+
+class Hooks(Protocol):
+    """What the attached facade instance offers the supervisor (the user's overrides)."""
+
+    async def on_start(self) -> None: ...
+
+    async def on_stop(self, params: StopParams) -> None: ...
+
+    async def on_error(self, error: BaseException) -> None: ...
+
+    async def on_activity_expired(self) -> None: ...
+
+
+class Lease:
+    """One request's hold on the container: released once, whatever ends the request."""
+
+    __slots__ = ("_supervisor",)
+
+    def __init__(self, supervisor: ContainerSupervisor) -> None:
+        self._supervisor: ContainerSupervisor | None = supervisor
+
+    def release(self) -> None:
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor._lease_released()
+
+    @property
+    def released(self) -> bool:
+        return self._supervisor is None
+
+
+class ContainerSupervisor:
+    def __init__(
+        self,
+        manager: ContainerManager,
+        class_name: str,
+        object_id: str,
+        object_name: str | None,
+    ) -> None:
+        self.manager = manager
+        self.class_name = class_name
+        self.object_id = object_id
+        self.object_name = object_name
+        self.phase = Phase.STOPPED
+        self.info: ContainerInfo | None = None
+        self.options: ContainerOptions | None = None
+        self.last_output: list[str] = []
+        self._state = State("stopped", time.time())
+        self._restored = False
+        self._hooks: Hooks | None = None
+        self._persist: Callable[[dict[str, Any]], None] | None = None
+        self._inflight = 0
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        # Deadlines are in the loop's clock, so timers and checks agree.
+        self._loop = asyncio.get_running_loop()
+        self._start_task: asyncio.Task[None] | None = None
+        self._probes: dict[int, asyncio.Task[None]] = {}
+        self._ready_ports: set[int] = set()
+        self._monitor: asyncio.Task[None] | None = None
+        self._stop_reason: StopReason | None = None
+        self._boosted = False
+        self._stopped = asyncio.Event()
+        self._stopped.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"container {self.class_name}({self.object_name or self.object_id[:12]})"
+
+    # -- the facade -------------------------------------------------------------------------
+
+    def attach(
+        self,
+        hooks: Hooks,
+        options: ContainerOptions,
+        persist: Callable[[dict[str, Any]], None],
+        stored: Mapping[str, Any] | None,
+    ) -> None:
+        """A (new) instance of the object takes over hooks and the stored state."""
+        self._hooks = hooks
+        self.options = options
+        self._persist = persist
+        if not self._restored:
+            self._restored = True
+            if stored and self.phase is Phase.STOPPED:
+                status = stored.get("status", "stopped")
+                if status in ("running", "healthy", "stopping", "paused"):
+                    # The platform went away while it ran and the container is gone now.
+                    status = "stopped"
+                self._state = State(
+                    status, stored.get("last_change", time.time()), stored.get("exit_code")
+                )
+        self._save_state()
+        self.renew()
+        self._arm_timer()
+
+    def detach(self, hooks: Hooks) -> None:
+        if self._hooks is hooks:
+            self._hooks = None
+            self._persist = None
+        self.manager.forget_if_idle(self)
+
+    @property
+    def attached(self) -> bool:
+        return self._hooks is not None
+
+    @property
+    def busy(self) -> bool:
+        """True while anything keeps the object's instance worth keeping in memory."""
+        return self.phase is not Phase.STOPPED or self._inflight > 0 or bool(self._tasks)
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    # -- requests --------------------------------------------------------------------------
+
+    def lease(self) -> Lease:
+        self._inflight += 1
+        self.renew()
+        return Lease(self)
+
+    def _lease_released(self) -> None:
+        self._inflight -= 1
+        self.renew()
+        if self._inflight == 0:
+            with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter exit)
+                self._arm_timer()
+            self.manager.forget_if_idle(self)
+
+    def renew(self) -> None:
+        """Push the sleep deadline to ``sleep_after`` from now."""
+        if self.options is not None:
+            self._deadline = self._loop.time() + self.options.sleep_after
+
+    async def ready(self, port: int) -> int:
+        """Start the container if needed, wait until ``port`` answers; its host port."""
+        while True:
+            phase = self.phase
+            if phase is Phase.HEALTHY and port in self._ready_ports:
+                return self.host_port(port)
+            if self._start_task is not None:
+                await asyncio.shield(self._start_task)
+            elif phase in (Phase.STOPPED, Phase.PAUSED):
+                await asyncio.shield(self._begin_start([port], StartOverrides()))
+            elif phase in (Phase.RUNNING, Phase.HEALTHY):
+                await asyncio.shield(self._probe(port))
+            elif phase is Phase.STOPPING:
+                await self._stopped.wait()
+            elif phase is Phase.UNKNOWN:
+                raise EngineUnavailable("engine unavailable")
+            else:  # STARTING is always covered by _start_task
+                raise ContainerError(f"{self} is {phase.value} with no start under way")
+
+    async def start(self, ports: list[int] | None, overrides: StartOverrides) -> None:
+        """Start if not running (thaw if paused); with ``ports``, wait until they answer."""
+        while self._start_task is not None:
+            await asyncio.shield(self._start_task)
+        if self.phase is Phase.STOPPING:
+            await self._stopped.wait()
+        if self.phase in (Phase.STOPPED, Phase.PAUSED):
+            await asyncio.shield(self._begin_start(ports or [], overrides))
+        for port in ports or []:
+            await self.ready(port)
+
+    def host_port(self, port: int) -> int:
+        info = self.info
+        if info is None:
+            raise ContainerGone(f"{self} is not running")
+        host_port = info.host_ports.get(port)
+        if host_port is None:
+            published = ", ".join(str(p) for p in sorted(info.host_ports)) or "none"
+            raise ContainerError(
+                f"port {port} of the container is not published (published: {published}); "
+                "list it in default_port or required_ports of the Container class"
+            )
+        return host_port
+
+    def own(self, task: asyncio.Task[Any]) -> None:
+        """Keep ``task`` (a WebSocket bridge, a hook call) until it ends or ``aclose``."""
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: background work failed", self, exc_info=task.exception())
+
+    def lost(self, error: BaseException) -> ContainerGone:
+        """The error for a request whose connection to the container broke."""
+        if self.info is not None:
+            return ContainerGone(f"the connection to {self} broke mid-request ({error})")
+        return ContainerGone(
+            f"{self} stopped while handling the request (exit code {self._state.exit_code})"
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def stop(self, signal: int, *, reason: StopReason = "stop", grace: float) -> None:
+        """Signal the container and wait for it to end; SIGKILL after ``grace`` seconds."""
+        await self._let_start_finish()
+        info = self.info
+        if info is None:
+            return
+        self._stop_reason = self._stop_reason or reason
+        try:
+            if self.phase is Phase.PAUSED:
+                # A frozen process cannot act on a signal: thaw it first.
+                await self.manager.runtime.unpause(info.id)
+            if self.phase is not Phase.STOPPING:
+                self._enter(Phase.STOPPING)
+            await self.manager.runtime.signal(info.id, signal)
+        except ContainerGone:
+            pass
+        try:
+            await asyncio.wait_for(self._stopped.wait(), grace)
+        except TimeoutError:
+            log.warning("%s did not stop within %ss; killing it", self, grace)
+            await self.destroy(reason=self._stop_reason or reason)
+
+    async def destroy(self, *, reason: StopReason = "destroy") -> None:
+        """Kill the container now and wait until its end is recorded."""
+        await self._let_start_finish()
+        info = self.info
+        if info is None:
+            return
+        self._stop_reason = reason if self._stop_reason in (None, "stop") else self._stop_reason
+        with contextlib.suppress(ContainerGone):
+            await self.manager.runtime.kill(info.id)
+        await self._stopped.wait()
+
+    async def pause(self) -> None:
+        """Freeze the running container; the next request (or ``start``) thaws it."""
+        await self._let_start_finish()
+        info = self.info
+        if info is None or self.phase not in (Phase.RUNNING, Phase.HEALTHY):
+            return
+        await self.manager.runtime.pause(info.id)
+        self._enter(Phase.PAUSED)
+        assert self.options is not None
+        self._deadline = self._loop.time() + self.options.stop_paused_after
+        self._arm_timer()
+
+    async def _let_start_finish(self) -> None:
+        """A stop asked for during a start applies to what that start made (otherwise
+        the container would come up right after the stop). Hooks called by the start
+        itself (on_start, on_error) do not wait for it."""
+        while self._start_task is not None and self._start_task is not asyncio.current_task():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._start_task)
+
+    def adopt(self, info: ContainerInfo) -> None:
+        """Take over a container found running on the engine (after a restart)."""
+        self.info = info
+        self._ready_ports = set(info.host_ports)
+        if info.status == "paused":
+            self._enter(Phase.PAUSED)
+        else:
+            self._enter(Phase.HEALTHY)
+        self._watch()
+        log.info("%s adopted running container %s", self, info.name)
+
+    async def aclose(self, grace: float) -> None:
+        """Platform shutdown: stop the container (SIGTERM, SIGKILL after ``grace``)."""
+        self._closed = True
+        self._cancel_timer()
+        if self._start_task is not None:
+            self._start_task.cancel()
+            await asyncio.gather(self._start_task, return_exceptions=True)
+        if self.info is not None and self.phase is not Phase.UNKNOWN:
+            try:
+                await self.stop(15, reason="stop", grace=grace)
+            except ContainerError as exc:
+                log.warning("%s: could not stop it: %s", self, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stopped.wait(), self.manager.settings.exit_record_timeout
+                )
+        tasks = [*self._tasks, *self._probes.values()]
+        if self._monitor is not None:
+            tasks.append(self._monitor)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- starting --------------------------------------------------------------------------
+
+    def _begin_start(self, ports: list[int], overrides: StartOverrides) -> asyncio.Task[None]:
+        if self._closed:
+            raise ContainerError(f"{self}: the platform is shutting down")
+        task = asyncio.get_running_loop().create_task(self._run_start(ports, overrides))
+        self._start_task = task
+        task.add_done_callback(self._start_done)
+        return task
+
+    def _start_done(self, task: asyncio.Task[None]) -> None:
+        if self._start_task is task:
+            self._start_task = None
+        if not task.cancelled():
+            task.exception()  # every caller re-raises its own copy; this one is retrieved
+
+    async def _run_start(self, ports: list[int], overrides: StartOverrides) -> None:
+        options = self.options
+        assert options is not None, f"{self} has no options: no instance ever attached"
+        if self.phase is Phase.PAUSED:
+            # A thawed container carries on exactly where it was: no start, no probes.
+            assert self.info is not None
+            self._enter(Phase.STARTING)
+            try:
+                await self.manager.runtime.unpause(self.info.id)
+            except BaseException:
+                self._enter(Phase.PAUSED if self.info is not None else Phase.STOPPED)
+                raise
+            self.renew()
+            self._enter(Phase.HEALTHY)
+            self._arm_timer()
+            return
+        error: BaseException
+        try:
+            await self._launch(options, ports, overrides)
+        except TimeoutError:
+            error = StartFailed(
+                f"the engine did not start the container within {options.start_timeout}s"
+            )
+        except ContainerError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            await self._abandon()
+            raise
+        else:
+            await self._hook("on_start")
+            return
+        if not isinstance(error, EngineUnavailable):
+            await self._abandon()
+        hooks = await self._attached_hooks()
+        if hooks is not None:
+            await hooks.on_error(error)
+        raise error
+
+    async def _launch(
+        self, options: ContainerOptions, ports: list[int], overrides: StartOverrides
+    ) -> None:
+        self._enter(Phase.STARTING)
+        boost = options.start_boost and self.manager.settings.start_boost
+        env = {**options.env_vars, **(overrides.env_vars or {})}
+        entrypoint = overrides.entrypoint or options.entrypoint
+        internet = (
+            options.enable_internet
+            if overrides.enable_internet is None
+            else overrides.enable_internet
+        )
+        try:
+            async with asyncio.timeout(options.start_timeout):
+                self.info = await self.manager.launch(
+                    self,
+                    options,
+                    env=env,
+                    entrypoint=entrypoint,
+                    enable_internet=internet,
+                    ports=sorted({*options.declared_ports, *ports}),
+                    boost=boost,
+                )
+        except BaseException:
+            if self.info is None:
+                self._enter(Phase.STOPPED)
+            raise
+        self._stop_reason = None
+        self._ready_ports = set()
+        self._boosted = boost
+        self._watch()
+        self.renew()
+        self._enter(Phase.RUNNING)
+        self._arm_timer()
+        if not ports:
+            await self._end_boost()  # nothing to wait for: no reason to boost
+        for port in sorted(set(ports)):
+            await self._probe(port)
+        if ports and self.phase is Phase.RUNNING:
+            self._enter(Phase.HEALTHY)
+
+    def _probe(self, port: int) -> asyncio.Task[None]:
+        """One readiness probe per port at a time, shared by everyone who waits for it."""
+        task = self._probes.get(port)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._wait_port(port))
+            self._probes[port] = task
+            task.add_done_callback(lambda t: self._probes.pop(port, None))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _wait_port(self, port: int) -> None:
+        assert self.options is not None
+        await wait_for_port(
+            self,
+            port,
+            self.options.readiness,
+            stopped=self._stopped,
+            exit_code=lambda: self._state.exit_code,
+        )
+        self._ready_ports.add(port)
+        if self.phase is Phase.RUNNING and self._start_task is None:
+            self._enter(Phase.HEALTHY)
+        await self._end_boost()
+
+    async def _end_boost(self) -> None:
+        """The container started without its CPU quota; it gets it once a port answered."""
+        if self._boosted and self.info is not None:
+            self._boosted = False
+            await self.manager.apply_cpu_quota(self)
+
+    async def _abandon(self) -> None:
+        """A start that failed halfway leaves nothing running."""
+        info = self.info
+        if info is None:
+            return
+        self._stop_reason = "destroy"
+        try:
+            await self.manager.runtime.kill(info.id)
+        except ContainerError as exc:
+            log.warning("%s: could not kill a failed start: %s", self, exc)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), self.manager.settings.exit_record_timeout)
+
+    # -- the exit monitor -------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        self._stopped.clear()
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_exit())
+
+    async def _watch_exit(self) -> None:
+        info = self.info
+        assert info is not None
+        status = await self._wait_exit(info)
+        try:
+            self.last_output = [line async for line in self.manager.runtime.logs(info.id, tail=5)]
+        except ContainerError:
+            self.last_output = []
+        try:
+            await self.manager.runtime.remove(info.id)
+        except ContainerError as exc:
+            log.warning("Could not remove container %s: %s", info.name, exc)
+        platform = info.id in self.manager.platform_stops
+        reason: StopReason = (
+            "oom" if status.oom_killed else (self._stop_reason or ("stop" if platform else "exit"))
+        )
+        self._stop_reason = None
+        self.info = None
+        self._ready_ports = set()
+        self._cancel_timer()
+        self.manager.exited(self, info.id)
+        if reason == "oom":
+            log.warning("%s was killed for running out of memory", self)
+        elif reason == "exit" and self.last_output:
+            log.info(
+                "%s exited with code %s; last output: %s",
+                self,
+                status.exit_code,
+                " | ".join(self.last_output),
+            )
+        self._enter(Phase.STOPPED, status.exit_code, stopped_by_itself=reason in ("exit", "oom"))
+        self._stopped.set()
+        params = StopParams(exit_code=status.exit_code, reason=reason)
+        hooks = self._hooks
+        if hooks is not None:
+            try:
+                await hooks.on_stop(params)
+            except Exception:
+                log.exception("%s: on_stop failed", self)
+        self.manager.forget_if_idle(self)
+
+    async def _wait_exit(self, info: ContainerInfo) -> ExitStatus:
+        """Wait for the container to end. An engine that does not answer is not an exit:
+        the phase becomes UNKNOWN and the engine is asked again, with back-off, until it
+        says whether the container still runs."""
+        settings = self.manager.settings
+        delay = settings.engine_retry_initial
+        before: Phase | None = None
+        while True:
+            try:
+                status = await self.manager.runtime.wait(info.id)
+            except EngineUnavailable as exc:
+                if self.phase is not Phase.UNKNOWN:
+                    before = self.phase
+                    log.warning("%s: engine unavailable (%s); retrying", self, exc)
+                    self._enter(Phase.UNKNOWN)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, settings.engine_retry_max)
+                continue
+            except ContainerGone:
+                return ExitStatus(exit_code=-1, oom_killed=False)
+            except ContainerError as exc:
+                log.warning("%s: waiting for its exit failed (%s); asking again", self, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, settings.engine_retry_max)
+                continue
+            if self.phase is Phase.UNKNOWN:
+                current = await self._inspect_quietly(info.id)
+                if current is not None and current.running:
+                    # The engine is back and the container never stopped.
+                    log.info("%s: engine back; the container still runs", self)
+                    self._enter(
+                        before if before in (Phase.RUNNING, Phase.PAUSED) else Phase.HEALTHY
+                    )
+                    delay = settings.engine_retry_initial
+                    continue
+            return status
+
+    async def _inspect_quietly(self, container_id: str) -> ContainerInfo | None:
+        try:
+            return await self.manager.runtime.inspect(container_id)
+        except ContainerError:
+            return None
+
+    # -- sleep ------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self.options is None or self.phase not in (Phase.RUNNING, Phase.HEALTHY, Phase.PAUSED):
+            return
+        if self._timer is not None:
+            if self._timer.when() <= self._deadline:
+                return  # it fires no later than the deadline and re-arms itself if moved
+            self._timer.cancel()
+        self._timer = self._loop.call_at(self._deadline, self._timer_fired)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._closed or self.phase not in (Phase.RUNNING, Phase.HEALTHY, Phase.PAUSED):
+            return
+        if self._inflight > 0 and self.phase is not Phase.PAUSED:
+            return  # the last lease to be released arms the timer again
+        if self._loop.time() < self._deadline:
+            self._arm_timer()
+            return
+        self.own(asyncio.get_running_loop().create_task(self._expire()))
+
+    async def _expire(self) -> None:
+        assert self.options is not None
+        if self.phase is Phase.PAUSED:
+            log.info(
+                "%s paused for %ss without requests; stopping it",
+                self,
+                self.options.stop_paused_after,
+            )
+            await self.stop(15, reason="stop", grace=self.options.stop_timeout)
+            return
+        hooks = await self._attached_hooks()
+        if hooks is None:
+            return
+        await hooks.on_activity_expired()
+        if self.phase in (Phase.RUNNING, Phase.HEALTHY, Phase.PAUSED) and self._timer is None:
+            # Still running (busy, or an override chose to keep it): look again later.
+            if self.phase is not Phase.PAUSED:
+                self.renew()
+            self._arm_timer()
+
+    async def default_activity_expired(self) -> None:
+        """What ``on_activity_expired`` does unless overridden: sleep as ``sleep_mode`` says."""
+        assert self.options is not None
+        if self._inflight > 0:
+            return
+        if self.options.sleep_mode == "pause":
+            await self.pause()
+        else:
+            await self.stop(15, reason="stop", grace=self.options.stop_timeout)
+
+    # -- hooks and state ---------------------------------------------------------------------
+
+    async def _attached_hooks(self) -> Hooks | None:
+        if self._hooks is None and not self._closed:
+            with contextlib.suppress(Exception):
+                await self.manager.wake(self)
+        return self._hooks
+
+    async def _hook(self, name: Literal["on_start"]) -> None:
+        hooks = await self._attached_hooks()
+        if hooks is not None:
+            await getattr(hooks, name)()
+
+    def _enter(
+        self, phase: Phase, exit_code: int | None = None, *, stopped_by_itself: bool = False
+    ) -> None:
+        if phase is not self.phase and phase not in TRANSITIONS[self.phase]:
+            raise AssertionError(f"{self}: no transition from {self.phase.value} to {phase.value}")
+        self.phase = phase
+        status: Status | None
+        if phase is Phase.STOPPED:
+            status = "stopped_with_code" if stopped_by_itself else "stopped"
+        elif phase is Phase.STARTING or phase is Phase.UNKNOWN:
+            status = None  # as before, until the engine says otherwise
+        else:
+            status = phase.value
+        if status is not None:
+            self._state = State(status, time.time(), exit_code)
+            self._save_state()
+        self.manager.phase_changed(self)
+
+    def _save_state(self) -> None:
+        if self._persist is not None:
+            try:
+                self._persist(_stored(self._state))
+            except Exception:
+                log.exception("%s: could not store its state", self)
+
+
+def _stored(state: State) -> dict[str, Any]:
+    """A state as the object's internal storage keeps it."""
+    return {"status": state.status, "last_change": state.last_change, "exit_code": state.exit_code}

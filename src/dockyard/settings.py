@@ -1,0 +1,63 @@
+"""Every timeout, grace period, limit and path of one Dockyard node, in one typed object.
+
+``Settings`` is built once (by ``dockyard dev`` from its flags, later by ``dockyard
+serve``) and passed down; components read their part of it and hold no literals of
+their own. Per-class values a user sets in code (``Container.stop_timeout`` and the
+like) override the node's defaults where the class says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .gateway.limits import GatewayLimits
+
+__all__ = ["ContainerSettings", "GatewayLimits", "ObjectSettings", "Settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSettings:
+    # Platform stops (sleep, shutdown) send SIGTERM, then SIGKILL after this many seconds.
+    # Cloudflare waits 15 minutes; a laptop's Ctrl-C cannot, so dev defaults to 10 s.
+    stop_grace: float = 10.0
+    # Starts per second per class before a start is answered with 429.
+    starts_per_second: int = 100
+    # At shutdown, how long to wait for an object to record how its container ended.
+    exit_record_timeout: float = 5.0
+    # Start a container without its CPU quota and apply the quota once its ports answer.
+    start_boost: bool = False
+    # While the engine does not answer: first retry after this, doubling up to the maximum.
+    engine_retry_initial: float = 0.2
+    engine_retry_max: float = 5.0
+    # Where the app's containers report to run: the container's DOCKYARD_LOCATION.
+    location: str = "local"
+    # Show error details (start failures, container output) to HTTP clients.
+    # Off by default: clients see a short message and an error id; the log has the rest.
+    debug_errors: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectSettings:
+    # An instance with nothing in flight is evicted after this many idle seconds.
+    idle_timeout: float = 70.0
+    # How long stopping the host waits for calls in flight.
+    stop_grace: float = 5.0
+    # How long stop() lets ctx.wait_until work finish before cancelling it.
+    wait_until_grace: float = 5.0
+    # Object databases kept open at once (each holds 3 file descriptors with its WAL);
+    # the least recently used idle one is closed beyond this and reopened on demand.
+    max_open_files: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where the app keeps its state (objects, locks); dev uses <project>/.dockyard.
+    state_dir: Path | None = None
+    containers: ContainerSettings = field(default_factory=ContainerSettings)
+    objects: ObjectSettings = field(default_factory=ObjectSettings)
+    gateway: GatewayLimits = field(default_factory=GatewayLimits)
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
