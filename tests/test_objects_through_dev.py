@@ -37,6 +37,9 @@ class Counter(DurableObject):
     async def fired(self):
         return await self.ctx.storage.get("fired") or 0
 
+    async def alarm_at(self):
+        return await self.ctx.storage.get_alarm()
+
 
 async def fetch(request, env, ctx):
     _, op, name = request.path.split("/")
@@ -84,8 +87,11 @@ async def test_sigkill_loses_no_acknowledged_write(tmp_path: Path) -> None:
             while True:
                 acknowledged = await call(session, dev.url + "/increment/k")  # type: ignore[assignment]
 
+        async def enough_acknowledged() -> bool:
+            return acknowledged >= 200
+
         writer = asyncio.create_task(write_forever())
-        await wait_until(lambda: asyncio.sleep(0, acknowledged >= 200), within=30)
+        await wait_until(enough_acknowledged, within=30)
         dev.kill()
         try:
             await writer
@@ -101,17 +107,30 @@ async def test_sigkill_loses_no_acknowledged_write(tmp_path: Path) -> None:
 
 async def test_alarm_due_during_downtime_fires_once_after_restart(tmp_path: Path) -> None:
     project = make_project(tmp_path)
+    delay = 3.0
     async with aiohttp.ClientSession() as session:
         with DevServer(project) as dev:
-            await call(session, dev.url + "/arm/a", 1500)
+            due = time.time() + delay
+            await call(session, dev.url + "/arm/a", delay * 1000)
             assert await call(session, dev.url + "/fired/a") == 0
-        stopped = time.monotonic()
-        await asyncio.sleep(2.0 - (time.monotonic() - stopped))  # let it fall due while down
+        # The premise: dockyard dev was down before the alarm fell due ...
+        assert time.time() < due, "dockyard dev took longer to stop than the alarm's delay"
+
+        async def fell_due() -> bool:
+            return time.time() > due
+
+        # ... and stays down until it has.
+        await wait_until(fell_due, within=delay + 1)
         with DevServer(project) as dev:
 
             async def fired() -> object:
                 return await call(session, dev.url + "/fired/a")
 
             assert await wait_until(fired, within=10) == 1
-            await asyncio.sleep(1.0)  # and it does not fire a second time
+
+            async def cleared() -> bool:
+                return await call(session, dev.url + "/alarm_at/a") is None
+
+            # Nothing is left to fire a second time.
+            await wait_until(cleared, within=5)
             assert await fired() == 1
