@@ -19,6 +19,7 @@ from typing import Any
 
 from dockyard.errors import BindingError
 
+from ._sqlite import open_database
 from .records import Record, RecordList
 
 __all__ = [
@@ -116,12 +117,8 @@ class D1Database:
     @property
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")  # D1 enforces foreign keys
-            self._conn = conn
+            # D1 enforces foreign keys.
+            self._conn = open_database(self.path, "PRAGMA foreign_keys=ON")
         return self._conn
 
     def close(self) -> None:

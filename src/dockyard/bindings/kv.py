@@ -24,6 +24,7 @@ from typing import Any
 
 from dockyard.errors import BindingError
 
+from ._sqlite import open_database
 from .records import KeyListing, Record, RecordList
 
 __all__ = ["KvNamespace"]
@@ -85,12 +86,7 @@ class KvNamespace:
     @property
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(_SCHEMA)
-            self._conn = conn
+            self._conn = open_database(self.path, _SCHEMA)
         return self._conn
 
     def close(self) -> None:

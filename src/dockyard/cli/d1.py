@@ -138,8 +138,7 @@ def list_migrations(
         loaded, database = _open(project, config, name, local)
         try:
             spec = _spec(loaded, name)
-            folder = loaded.config_path.parent / spec.migrations_dir
-            pending = pending_migrations(database, folder, spec.migrations_table)
+            pending = _pending(loaded, database, spec)
         finally:
             database.close()
         if not pending:
@@ -165,8 +164,7 @@ def apply(
         loaded, database = _open(project, config, name, local)
         try:
             spec = _spec(loaded, name)
-            folder = loaded.config_path.parent / spec.migrations_dir
-            pending = pending_migrations(database, folder, spec.migrations_table)
+            pending = _pending(loaded, database, spec)
             if not pending:
                 console.print("No migrations to apply.")
             for path in pending:
@@ -177,6 +175,12 @@ def apply(
         return 0
 
     raise typer.Exit(_run(action))
+
+
+def _pending(loaded: Any, database: Any, spec: Any) -> list[Path]:
+    """The migration files of ``spec`` not yet applied to ``database``, in name order."""
+    folder = loaded.config_path.parent / spec.migrations_dir
+    return pending_migrations(database, folder, spec.migrations_table)
 
 
 def _spec(config: Config, name: str) -> Any:
