@@ -10,6 +10,8 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -359,3 +361,27 @@ async def test_started_containers_carry_the_hardening_defaults_and_class_overrid
     assert strict["LogConfig"]["Config"] == {"max-file": "3", "max-size": "10m"}
     assert loose["CapAdd"] == ["NET_RAW"] and loose["PidsLimit"] == 64
     assert loose["ReadonlyRootfs"] is True
+
+
+async def test_containers_cli_escapes_control_characters_in_object_names(
+    tmp_path: Path,
+    busybox_image: str,
+    session: aiohttp.ClientSession,
+) -> None:
+    write_project(tmp_path / "app")
+    hostile = "%1B%5B2J%1B%5D0%3Bowned%07x"  # clear screen, set the title, BEL
+    with DevServer(tmp_path / "app") as dev:
+        async with session.get(f"{dev.url}/c/WEB/{hostile}/") as response:
+            assert response.status == 200
+        listed = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "dockyard", "containers", "list"],
+            cwd=tmp_path / "app",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+    assert listed.returncode == 0, listed.stderr
+    assert "\x1b" not in listed.stdout and "\x07" not in listed.stdout
+    assert r"\x1b[2J\x1b]0;owned\x07x" in listed.stdout
