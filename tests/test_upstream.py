@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import pytest
 from aiohttp import web
 
+from dockyard.containers.proxy import forward_http
 from dockyard.containers.upstream import UpstreamError, UpstreamPool
+from dockyard.errors import ContainerGone, InvalidHeader
+from dockyard.http import Request
 
 
 async def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.AppRunner:
@@ -174,8 +179,101 @@ async def test_failures_are_upstream_errors() -> None:
     response = await pool.request(server.sockets[0].getsockname()[1], "GET", "/", [])
     with pytest.raises(UpstreamError, match="closed the connection"):
         await response.read()
-    with pytest.raises(ValueError, match="line break"):
+    with pytest.raises(InvalidHeader, match="line break"):
         await pool.request(port, "GET", "/", [("X-Evil", "a\r\nInjected: 1")])
+    for bad in ([("X-Evil", "a\x00b")], [("Bad Name", "v")], [("X-Evil", "\u20ac")]):
+        with pytest.raises(InvalidHeader):
+            await pool.request(port, "GET", "/", bad)
+    with pytest.raises(InvalidHeader):
+        await pool.request(port, "GET", "/a b", [])
     pool.close()
     server.close()
     await server.wait_closed()
+
+
+async def raw_server(
+    answer: bytes, heads: list[bytes], *, close: bool = False
+) -> tuple[asyncio.Server, int]:
+    """A server that records each request head and sends ``answer`` to each."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    heads.append(await reader.readuntil(b"\r\n\r\n"))
+                    writer.write(answer)
+                    await writer.drain()
+                    if close:
+                        break
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_header_bytes_go_out_and_come_back_unchanged() -> None:
+    heads: list[bytes] = []
+    answer = b"HTTP/1.1 200 OK\r\nX-Back: caf\xe9\xff\r\nContent-Length: 0\r\n\r\n"
+    server, port = await raw_server(answer, heads)
+    pool = UpstreamPool()
+    try:
+        response = await pool.request(port, "GET", "/", [("X-Bytes", "caf\xe9\x80\xff")])
+        await response.read()
+        assert b"\r\nX-Bytes: caf\xe9\x80\xff\r\n" in heads[0]
+        assert ("X-Back", "caf\xe9\xff") in response.headers
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_head_answers_have_no_body_and_keep_the_connection() -> None:
+    heads: list[bytes] = []
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 12345\r\n\r\n"
+    server, port = await raw_server(answer, heads)
+    pool = UpstreamPool()
+    try:
+        for _ in range(3):
+            response = await pool.request(port, "HEAD", "/", [])
+            assert response.status == 200 and response.content_length == 12345
+            assert await asyncio.wait_for(response.read(), 5) == b""
+        assert len(heads) == 3 and pool.open_connections == 1
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_malformed_head_answer_is_an_upstream_error() -> None:
+    server, port = await raw_server(b"HTTP/1.1 OK-ish\r\nnot a header\r\n\r\n", [], close=True)
+    pool = UpstreamPool()
+    try:
+        with pytest.raises(UpstreamError, match="malformed"):
+            await pool.request(port, "HEAD", "/", [])
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_malformed_head_answer_through_the_proxy_is_502() -> None:
+    server, port = await raw_server(b"HTTP/1.1 OK-ish\r\nnot a header\r\n\r\n", [], close=True)
+    pool = UpstreamPool()
+    finished: list[bool] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(ContainerGone) as caught:
+                await forward_http(
+                    session,
+                    pool,
+                    port,
+                    Request("http://container/", method="HEAD"),
+                    on_finished=lambda: finished.append(True),
+                    on_lost=lambda exc: ContainerGone(str(exc)),
+                )
+        assert caught.value.status == 502 and finished == [True]
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()

@@ -18,10 +18,15 @@ LOW_WATER = 256 << 10
 
 
 class WriteFlow:
-    """Mixed into an ``asyncio.Protocol``: ``await drain()`` while writing is paused."""
+    """Mixed into an ``asyncio.Protocol``: ``await drain()`` while writing is paused.
+
+    With ``_write_timeout`` set, a drain that waits longer raises ``TimeoutError``: a
+    peer that stops reading cannot hold a writer (and what it buffers) forever.
+    """
 
     _can_write = True
     _drained: asyncio.Future[None] | None = None
+    _write_timeout: float | None = None
 
     def pause_writing(self) -> None:
         self._can_write = False
@@ -33,7 +38,11 @@ class WriteFlow:
     async def drain(self) -> None:
         if not self._can_write:
             self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
+            if self._write_timeout is None:
+                await self._drained
+            else:
+                async with asyncio.timeout(self._write_timeout):
+                    await self._drained
 
     async def send_body(
         self,

@@ -3,18 +3,26 @@
 A body is ``None``, ``bytes``, ``str`` or an async iterable of ``bytes``. Iterable bodies
 are streamed: nothing holds a whole body in memory unless the caller asks for it with
 ``await body.bytes()`` / ``text()`` / ``json()``. A body can be consumed once.
+
+Over 400 lines: the fetch types, the one way header bytes go on the wire (shared by
+the gateway and the container client) and the in-process WebSocket pair belong to the
+same small vocabulary every layer speaks; splitting them would scatter it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json as _json
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
+import re
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from .errors import InvalidHeader
 
 __all__ = [
     "BodyInit",
@@ -49,6 +57,41 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Header names and values are str holding one character per byte (latin-1), both ways:
+# what arrives is decoded as latin-1 and what leaves is encoded as latin-1, so every byte
+# a client sends reaches the container unchanged, and back (as aiohttp and uvicorn do).
+#
+# Header lines as they may go on the wire: a token for the name (RFC 9110, 5.1) and a
+# value of visible characters, spaces and tabs (5.5): no CR, LF, NUL or other control,
+# nothing beyond latin-1. Names are few and repeat, so each is checked once and
+# remembered; values are checked by one precompiled pattern over the whole block, once
+# per message, which costs less than a check per header.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_BLOCK = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [\t\x20-\x7e\x80-\xff]*\r\n)*")
+_HEADER_LINE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [\t\x20-\x7e\x80-\xff]*")
+GOOD_HEADER_NAMES: set[str] = set()
+
+
+def check_header_name(name: str) -> None:
+    """Raise ``InvalidHeader`` unless ``name`` is a token."""
+    if name not in GOOD_HEADER_NAMES:
+        if _TOKEN.fullmatch(name) is None:
+            raise InvalidHeader(f"invalid header name {name[:200]!r}")
+        if len(GOOD_HEADER_NAMES) < 4096:
+            GOOD_HEADER_NAMES.add(name)
+
+
+def encode_header_block(block: str, lines: int) -> bytes:
+    """``lines`` ``"Name: value\\r\\n"`` lines (names checked) as bytes, or ``InvalidHeader``."""
+    # The count catches a value holding a whole extra line ("a\\r\\nInjected: 1").
+    if _HEADER_BLOCK.fullmatch(block) is None or block.count("\n") != lines:
+        for line in block.split("\r\n")[:-1]:
+            if _HEADER_LINE.fullmatch(line) is None:
+                raise InvalidHeader(f"invalid header line {line[:200]!r}")
+        raise InvalidHeader(f"a header value holds a line break: {block[:200]!r}")
+    return block.encode("latin-1")
+
+
 def make_headers(init: HeadersInit) -> CIMultiDict[str]:
     if init is None:
         return CIMultiDict()
@@ -72,7 +115,7 @@ class _Body:
         self._body_used = False
         if isinstance(body, str):
             self._body: bytes | AsyncIterable[bytes] | None = body.encode()
-            self.headers.setdefault("content-type", "text/plain; charset=utf-8")
+            self.headers.setdefault("content-type", "text/plain;charset=UTF-8")  # as Cloudflare
         elif isinstance(body, bytearray | memoryview):
             self._body = bytes(body)
         else:
@@ -95,12 +138,12 @@ class _Body:
             return len(self._body)
         return None
 
-    def stream(self) -> AsyncGenerator[bytes, None]:
+    def stream(self) -> BodyStream:
         """The body as an async iterator of chunks, consumed once."""
         if self._body_used:
             raise BodyUsed("body already read")
         self._body_used = True
-        return _iterate(self._body)
+        return BodyStream(self._body)
 
     async def discard(self) -> None:
         """Give up a body that will not be read, so its source can release what it holds."""
@@ -121,20 +164,56 @@ class _Body:
         return _json.loads(await self.bytes())
 
 
-async def _iterate(body: bytes | AsyncIterable[bytes] | None) -> AsyncGenerator[bytes, None]:
-    if body is None:
-        return
-    if isinstance(body, bytes):
-        if body:
-            yield body
-        return
-    try:
-        async for chunk in body:
-            if chunk:
-                yield bytes(chunk)
-    finally:
-        # Stopped early (the client went away): let the source clean up now, not at GC.
-        await _close_source(body)
+class BodyStream:
+    """A body's chunks, read once; ``aclose()`` closes the source, read from or not.
+
+    Not an async generator: closing a generator that never started skips its
+    ``finally``, and a source left open can hold a container's request in flight.
+    """
+
+    __slots__ = ("_body", "_closed", "_iterator")
+
+    def __init__(self, body: bytes | AsyncIterable[bytes] | None) -> None:
+        self._body = body
+        self._iterator: AsyncIterator[bytes] | None = None
+        self._closed = False
+
+    def __aiter__(self) -> BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        body = self._body
+        if self._closed or body is None:
+            raise StopAsyncIteration
+        if isinstance(body, bytes):
+            self._closed = True
+            if body:
+                return body
+            raise StopAsyncIteration
+        iterator = self._iterator
+        if iterator is None:
+            iterator = self._iterator = aiter(body)
+        try:
+            while True:
+                chunk = await anext(iterator)
+                if chunk:
+                    return bytes(chunk)
+        except StopAsyncIteration:
+            await self.aclose()
+            raise
+        except BaseException:
+            # Stopped early (an error, a cancellation): the source cleans up now, not at GC.
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                if self._iterator is not None and self._iterator is not self._body:
+                    await _close_source(self._iterator)
+            finally:
+                await _close_source(self._body)
 
 
 async def _close_source(body: object) -> None:
@@ -258,15 +337,26 @@ class WebSocketClosed(RuntimeError):
     """Sending on a closed WebSocket."""
 
 
+# Messages one end holds for a reader that has not taken them; a sender waits beyond
+# this, so a fast sender cannot outgrow a slow reader (each message is bounded by the
+# gateway's ``websocket_max_message``).
+WEBSOCKET_QUEUE = 16
+
+
 class WebSocket:
     """One end of an in-process WebSocket pair.
 
     The gateway bridges the client's real connection to one end; user code (or the
     Container class) holds the other. Messages sent on one end arrive at the other.
+    ``send`` waits while the other end holds ``WEBSOCKET_QUEUE`` unread messages; a
+    close is never held back.
     """
 
-    def __init__(self) -> None:
-        self._inbox: asyncio.Queue[WebSocketMessage] = asyncio.Queue()
+    def __init__(self, max_queue: int = WEBSOCKET_QUEUE) -> None:
+        self._inbox: deque[WebSocketMessage] = deque()
+        self._max_queue = max_queue
+        self._reader: asyncio.Future[None] | None = None
+        self._writers: deque[asyncio.Future[None]] = deque()
         self._peer: WebSocket | None = None
         self.accepted = False
         self.closed = False
@@ -278,22 +368,61 @@ class WebSocket:
         self.accepted = True
 
     async def send(self, data: str | bytes) -> None:
-        if self.closed or self._peer is None:
+        peer = self._peer
+        if self.closed or peer is None:
             raise WebSocketClosed("WebSocket is closed")
+        while len(peer._inbox) >= peer._max_queue and not peer.closed and not self.closed:
+            waiter = asyncio.get_running_loop().create_future()
+            peer._writers.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in peer._writers:
+                    peer._writers.remove(waiter)
+        if self.closed:
+            raise WebSocketClosed("WebSocket is closed")
+        if peer.closed:
+            return  # the other end hung up; its close is on its way to this end
         kind: Literal["text", "binary"] = "text" if isinstance(data, str) else "binary"
-        self._peer._inbox.put_nowait(WebSocketMessage(kind, data))
+        peer._deliver(WebSocketMessage(kind, data))
 
     async def receive(self) -> WebSocketMessage:
-        message = await self._inbox.get()
+        while not self._inbox:
+            self._reader = asyncio.get_running_loop().create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        message = self._inbox.popleft()
+        self._wake_writer()
         if message.type == "close":
             self._mark_closed(message.code, message.reason)
         return message
+
+    def _deliver(self, message: WebSocketMessage) -> None:
+        self._inbox.append(message)
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    def _wake_writer(self) -> None:
+        while self._writers:
+            waiter = self._writers.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _mark_closed(self, code: int | None, reason: str) -> None:
         self.closed = True
         self.close_code = code
         self.close_reason = reason
         self._closed_event.set()
+        # Senders waiting for room here, or on the other end, look again and give up.
+        for end in (self, self._peer):
+            if end is not None:
+                while end._writers:
+                    waiter = end._writers.popleft()
+                    if not waiter.done():
+                        waiter.set_result(None)
 
     async def wait_closed(self) -> None:
         """Wait until this end has sent or received a close."""
@@ -304,7 +433,7 @@ class WebSocket:
             return
         self._mark_closed(code, reason)
         if self._peer is not None and not self._peer.closed:
-            self._peer._inbox.put_nowait(WebSocketMessage("close", None, code, reason))
+            self._peer._deliver(WebSocketMessage("close", None, code, reason))
 
     def __aiter__(self) -> AsyncIterator[str | bytes]:
         return self._messages()

@@ -4,13 +4,18 @@ The general-purpose aiohttp client spends about twice as long per request as thi
 (measured: 53 µs against 24 µs per keep-alive GET on this path), and the last hop is on
 every proxied request. It does only what that hop needs: keep-alive connections pooled
 per port, request bodies as bytes or streams (chunked when their length is unknown),
-response bodies buffered or streamed with flow control both ways. HEAD requests and
+response bodies buffered or streamed with flow control both ways, HEAD requests.
 WebSocket upgrades stay with aiohttp (see proxy.py).
+
+Header names and values are latin-1 str both ways (one character per byte, as the
+gateway holds them): bytes pass through unchanged. A header that would corrupt the
+request (a line break, a NUL, a bad name) raises ``InvalidHeader`` and is never sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import cast
@@ -18,8 +23,13 @@ from typing import cast
 import httptools
 
 from .._flow import ChunkBuffer, WriteFlow
+from ..errors import InvalidHeader
+from ..http import check_header_name, encode_header_block
 
 __all__ = ["UpstreamError", "UpstreamPool", "UpstreamResponse"]
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 CONNECT_TIMEOUT = 5.0
 MAX_IDLE_PER_PORT = 64
@@ -41,6 +51,8 @@ class _Connection(WriteFlow, asyncio.Protocol):
         self._headers_ready: asyncio.Future[None] | None = None
         self._header_list: list[tuple[str, str]] = []
         self._informational = False
+        # Set while a HEAD request is out: its answer has a head and no body.
+        self.head_request = False
 
     # asyncio.Protocol
 
@@ -86,18 +98,24 @@ class _Connection(WriteFlow, asyncio.Protocol):
         response.headers = self._header_list
         self._header_list = []
         response._note_framing()
+        if self.head_request:
+            # The parser would wait for the body its Content-Length announces; there is
+            # none. The answer ends here, and the next one gets a fresh parser.
+            response._until_close = False
+            response.body.finish()
+            self.parser = httptools.HttpResponseParser(self)
         if self._headers_ready is not None and not self._headers_ready.done():
             self._headers_ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        if self._response is not None:
+        if self._response is not None and not self.head_request:
             self._response.body.feed(body)
 
     def on_message_complete(self) -> None:
         if self._informational:
             self._informational = False
             return
-        if self._response is not None:
+        if self._response is not None and not self.head_request:
             self._response.body.finish()
 
     # used by the pool and responses
@@ -257,6 +275,7 @@ class UpstreamPool:
         assert transport is not None
         response = UpstreamResponse(connection)
         connection._response = response
+        connection.head_request = head.startswith(b"HEAD ")
         ready = connection._headers_ready = asyncio.get_running_loop().create_future()
         try:
             if body is None or isinstance(body, bytes):
@@ -300,11 +319,10 @@ def _serialize_head(
     method: str, target: str, headers: list[tuple[str, str]], body: BodySource
 ) -> tuple[bytes, bool]:
     """The request line and headers, with framing for the body; True if chunked."""
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    lines = []
     has_length = has_host = False
     for name, value in headers:
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            raise ValueError(f"header {name!r} contains a line break")
+        check_header_name(name)
         lower = name.lower()
         has_host = has_host or lower == "host"
         if lower == "content-length":
@@ -323,5 +341,12 @@ def _serialize_head(
     elif not has_length:
         lines.append("Transfer-Encoding: chunked\r\n")
         chunked = True
-    lines.append("\r\n")
-    return "".join(lines).encode(), chunked
+    if method not in _METHODS and _TOKEN.fullmatch(method) is None:
+        raise InvalidHeader(f"invalid method {method[:20]!r}")
+    if " " in target or not target.isprintable():
+        raise InvalidHeader(f"invalid request target {target[:200]!r}")
+    try:
+        line = f"{method} {target} HTTP/1.1\r\n".encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise InvalidHeader(f"invalid request target {target[:200]!r}") from exc
+    return line + encode_header_block("".join(lines), len(lines)) + b"\r\n", chunked

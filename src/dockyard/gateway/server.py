@@ -17,19 +17,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import WSMsgType, web
 
 from .._tasks import until_first_done
-from ..errors import DockyardError
+from ..errors import DockyardError, error_id
 from ..http import HOP_BY_HOP, STREAM_CHUNK, Request, Response, WebSocket
-from .protocol import HEADER_TIMEOUT, HttpProtocol
+from .connections import Connections
+from .limits import GatewayLimits
+from .protocol import HttpProtocol
 
-__all__ = ["Dispatch", "Gateway"]
+__all__ = ["Dispatch", "Gateway", "GatewayLimits"]
 
 log = logging.getLogger("dockyard.gateway")
 access_log = logging.getLogger("dockyard.access")
 
 Dispatch = Callable[[Request], Awaitable[Response]]
-
-# How long stop() lets requests in flight finish before closing their connections.
-STOP_GRACE = 5.0
 
 
 class Gateway:
@@ -41,15 +40,18 @@ class Gateway:
         *,
         host: str = "127.0.0.1",
         port: int = 8787,
-        header_timeout: float = HEADER_TIMEOUT,
+        limits: GatewayLimits | None = None,
     ) -> None:
         self.dispatch = dispatch
-        self.header_timeout = header_timeout
+        self.limits = limits or GatewayLimits()
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
-        self._connections: set[HttpProtocol] = set()
+        self._connections: Connections[HttpProtocol] = Connections(self.limits.max_connections)
         self._upgrades = web.Server(self._handle_upgrade, access_log=None)
+        # The head of each upgrade as the gateway parsed it (latin-1, byte-exact), for
+        # the request the WebSocket server hands back.
+        self._upgrade_heads: dict[asyncio.BaseTransport, list[tuple[str, str]]] = {}
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -60,26 +62,40 @@ class Gateway:
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
+        self._connections.stopping = False
         self._server = await loop.create_server(
-            lambda: HttpProtocol(
-                self.respond, self._upgrade, self._connections, header_timeout=self.header_timeout
-            ),
+            lambda: HttpProtocol(self.respond, self._upgrade, self._connections, self.limits),
             self.host,
             self.port,
             reuse_address=True,
+            backlog=self.limits.backlog,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
     async def stop(self) -> None:
+        """Stop accepting, let answers in flight finish (``stop_grace``), then end the rest.
+
+        Every connection task is done (finished or cancelled and awaited) on return.
+        """
         if self._server is None:
             return
         self._server.close()
+        self._connections.stopping = True
+        for connection in self._connections:
+            if connection.idle:
+                connection.close()
         busy = [c.in_flight for c in self._connections if c.in_flight is not None]
         if busy:
-            await asyncio.wait(busy, timeout=STOP_GRACE)  # let requests in flight finish
-        for connection in list(self._connections):
+            await asyncio.wait(busy, timeout=self.limits.stop_grace)
+        for connection in self._connections:
             connection.close()
+        late = [c.in_flight for c in self._connections if c.in_flight is not None]
+        late.extend(task for task in busy if not task.done())
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.gather(*late, return_exceptions=True)
         await self._upgrades.shutdown(1.0)
         with contextlib.suppress(Exception):
             await self._server.wait_closed()
@@ -91,12 +107,21 @@ class Gateway:
         try:
             response = await self.dispatch(request)
         except DockyardError as exc:
-            log.warning("%s %s -> %s: %s", request.method, request.url, exc.status, exc)
-            response = Response(f"{exc}\n", status=exc.status)
+            ident = error_id()
+            log.warning(
+                "%s %s -> %s (error id %s): %s", request.method, request.url, exc.status, ident, exc
+            )
+            response = Response(f"{exc.public} (error id {ident})\n", status=exc.status)
         except Exception:
             # The traceback is for the console; clients get no internals.
-            log.exception("Uncaught exception in worker for %s %s", request.method, request.url)
-            response = Response("Internal Server Error\n", status=500)
+            ident = error_id()
+            log.exception(
+                "Uncaught exception in worker for %s %s (error id %s)",
+                request.method,
+                request.url,
+                ident,
+            )
+            response = Response(f"Internal Server Error (error id {ident})\n", status=500)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "%s %s %s (%.1f ms)",
@@ -107,17 +132,23 @@ class Gateway:
             )
         return response
 
-    def _upgrade(self, transport: asyncio.Transport, raw: bytes) -> None:
+    def _upgrade(
+        self, transport: asyncio.Transport, raw: bytes, headers: list[tuple[str, str]]
+    ) -> None:
         handler = self._upgrades()
+        for gone in [t for t in self._upgrade_heads if t.is_closing()]:
+            del self._upgrade_heads[gone]
+        self._upgrade_heads[transport] = headers
         transport.set_protocol(handler)
         handler.connection_made(transport)
         handler.data_received(raw)
 
     async def _handle_upgrade(self, raw: web.BaseRequest) -> web.StreamResponse:
+        parsed = self._upgrade_heads.pop(raw.transport, None) if raw.transport else None
         request = Request(
             str(raw.url),
             method=raw.method,
-            headers=raw.headers,
+            headers=parsed if parsed is not None else raw.headers,
             body=_request_body(raw) if raw.body_exists else None,
         )
         response = await self.respond(request)
@@ -126,7 +157,7 @@ class Gateway:
         return await _send(raw, response)
 
     async def _bridge_websocket(self, raw: web.BaseRequest, end: WebSocket) -> web.StreamResponse:
-        ws = web.WebSocketResponse(autoping=True, max_msg_size=0)
+        ws = web.WebSocketResponse(autoping=True, max_msg_size=self.limits.websocket_max_message)
         await ws.prepare(raw)
 
         async def client_to_worker() -> None:
