@@ -87,10 +87,10 @@ async def test_cold_start_shares_one_start_across_50_requests(lab: Lab) -> None:
         assert info.labels["dockyard.class"] == "Web"
         assert info.labels["dockyard.version"]
         assert info.labels["dockyard.object_name"] == "solo"
-    # dockyard dev stops what it started, and the object saw that run end as a stop.
+    # dockyard dev stops what it started, and the object saw that run end as a shutdown.
     assert await lab.running(project) == []
     with DevServer(project.root) as dev:
-        assert await lab.rpc(dev.url + "/rpc/WEB/solo/stops") == [[143, "stop"]]
+        assert await lab.rpc(dev.url + "/rpc/WEB/solo/stops") == [[143, "shutdown"]]
         assert (await lab.rpc(dev.url + "/rpc/WEB/solo/state"))["status"] == "stopped"
 
 
@@ -132,7 +132,7 @@ async def test_sleep_after_stops_idle_containers_but_not_busy_ones(
         stopped_after = time.monotonic() - last
         assert 2.0 <= stopped_after <= 4.0, stopped_after
         stops = await wait_until(lambda: lab.rpc(dev.url + "/rpc/WEB/idle/stops"))
-        assert len(stops) == 1 and stops[0][1] == "stop"
+        assert len(stops) == 1 and stops[0][1] == "sleep"
         state = await lab.rpc(dev.url + "/rpc/WEB/idle/state")
         assert state["status"] == "stopped"
 
@@ -190,7 +190,12 @@ async def test_lifecycle_methods_exec_and_schedules_through_the_stub(lab: Lab) -
         )
         assert result == {"exit_code": 4, "stdout": "out\n", "stderr": "err\n"}
         await lab.rpc(dev.url + base + "stop")
-        assert (await lab.rpc(dev.url + base + "state"))["status"] == "stopped"
+
+        async def stopped() -> bool:
+            # stop() sends SIGTERM and returns, as Cloudflare's; the end follows.
+            return (await lab.rpc(dev.url + base + "state"))["status"] == "stopped"
+
+        await wait_until(stopped)
         assert await lab.running(project) == []
         await lab.rpc(dev.url + base + "start")
         await lab.rpc(dev.url + base + "destroy")

@@ -138,6 +138,12 @@ async def test_container_spec_carries_labels_env_and_limits(tmp_path: Path) -> N
         "DOCKYARD_DURABLE_OBJECT_ID": "abc123",
         "DOCKYARD_APPLICATION": "limits",
         "DOCKYARD_LOCATION": "local",
+        # Cloudflare's names for the same (issue 11), so images built for it run unchanged.
+        "CLOUDFLARE_DURABLE_OBJECT_ID": "abc123",
+        "CLOUDFLARE_APPLICATION_ID": "limits",
+        "CLOUDFLARE_LOCATION": "local",
+        "CLOUDFLARE_REGION": "local",
+        "CLOUDFLARE_COUNTRY_A2": "XX",
     }
     assert (spec.vcpu, spec.memory_mib, spec.disk_mb) == (0.0625, 256, 2000)
     assert spec.entrypoint == ["srv"] and spec.enable_internet is False

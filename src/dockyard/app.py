@@ -77,7 +77,7 @@ class App:
             if runtime is None:
                 from .containers.docker import DockerRuntime
 
-                runtime = DockerRuntime()
+                runtime = DockerRuntime(request_timeout=self.settings.containers.engine_timeout)
             self.containers = ContainerManager(
                 runtime, self.config, self.settings.containers, owner=self.owner
             )

@@ -6,6 +6,10 @@ The schema is Cloudflare's, so an existing config works unchanged. Every error i
     wrangler.jsonc:14: containers[0].max_instances: expected an integer >= 0, got "ten"
 
 Keys Dockyard does not know are kept (`extra="allow"`) and reported in `Config.warnings`.
+
+Over 400 lines: every cross-key check (bindings, containers, migrations, environments,
+cron, assets) needs the source's line numbers, which live here; the models are in
+`_config_models.py` and the line finding in `_jsonc.py`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ response or a message.
     DockyardError                      500 / exit 1
     ├── ConfigError                    exit 2    bad wrangler config, .dev.vars, main module
     ├── WorkerError                    500       the user's worker could not be loaded or run
-    │   └── InvalidHeader              500       a header that cannot go on the wire (CR, LF, NUL, ...)
+    │   └── InvalidHeader              500       a header that cannot go on the wire (CR, LF, NUL)
     ├── ClientError                    400       the client broke off or garbled its request body
     │   └── RequestTimeout             408       a client sent its request body too slowly
     ├── BindingError                   500       KV, D1 or assets misuse (bad key, bad SQL, ...)

@@ -26,11 +26,16 @@ class ContainerSettings:
     starts_per_second: int = 100
     # At shutdown, how long to wait for an object to record how its container ended.
     exit_record_timeout: float = 5.0
-    # Start a container without its CPU quota and apply the quota once its ports answer.
-    start_boost: bool = False
+    # Start a container without its CPU quota and apply the quota once its ports answer
+    # (a class opts out with start_boost = False).
+    start_boost: bool = True
     # While the engine does not answer: first retry after this, doubling up to the maximum.
     engine_retry_initial: float = 0.2
     engine_retry_max: float = 5.0
+    # How long a short engine call (create, start, inspect, list, signal) may take before
+    # the engine counts as unavailable (503); below the start budget, so a wedged engine
+    # answers 503 rather than a start failure.
+    engine_timeout: float = 5.0
     # Where the app's containers report to run: the container's DOCKYARD_LOCATION.
     location: str = "local"
     # Show error details (start failures, container output) to HTTP clients.

@@ -34,7 +34,8 @@ class Web(Container):
 
     async def on_stop(self, params):
         stops = await self.ctx.storage.get("stops") or []
-        stops.append([params.exit_code, params.reason])
+        # Dockyard's finer reason; params.reason is Cloudflare's ("exit"/"runtime_signal").
+        stops.append([params.exit_code, params.dockyard_reason])
         await self.ctx.storage.put("stops", stops)
         log.info("on_stop %s %s %s", self.ctx.id.name, params.exit_code, params.reason)
 

@@ -15,8 +15,10 @@ Dockyard's, and a worker reload hands the running container to the next instance
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
@@ -24,10 +26,19 @@ from ..durations import parse_duration
 from ..errors import ContainerError, DockyardError, error_id
 from ..http import HeadersInit, Request, Response
 from ..objects import DurableObject
+from .api_shapes import (
+    CANCELLATION_KEYS,
+    WAIT_KEYS,
+    ContainerSchedule,
+    known_options,
+    start_overrides,
+    takes_two,
+    within,
+)
 from .proxy import forward_http, forward_websocket
 from .readiness import Readiness
 from .runtime import ExecProcess, ExecResult
-from .schedules import Schedule, ScheduleTable
+from .schedules import ScheduleTable
 from .state import State, StopParams, signal_number
 from .supervisor import ContainerOptions, ContainerSupervisor, StartOverrides
 
@@ -57,8 +68,11 @@ class Container(DurableObject):
     # Probes back off from 10 ms up to this interval between tries.
     wait_interval: ClassVar[float] = 0.3
     probe_timeout: ClassVar[float] = 5.0
-    # stop() and sleep send SIGTERM, then SIGKILL after this many seconds.
-    stop_timeout: ClassVar[float] = 10.0
+    # Platform stops (sleep, shutdown) send SIGTERM, then SIGKILL after this many seconds;
+    # None takes the node's Settings.containers.stop_grace. stop() never escalates.
+    stop_timeout: ClassVar[float | None] = None
+    # Engine labels of the class's containers; "dockyard." names are Dockyard's own.
+    labels: ClassVar[dict[str, str]] = {}
     # "stop" ends the container when sleep_after expires; "pause" freezes it instead, so
     # the next request wakes it in milliseconds with its memory intact. A paused
     # container is stopped after stop_paused_after more without requests.
@@ -94,48 +108,126 @@ class Container(DurableObject):
 
     # Hooks to override
 
+    # A class ported from TypeScript may define Cloudflare's names instead (onStart,
+    # onStop, onError, onActivityExpired): the defaults below call those when present.
+
     async def on_start(self) -> None:
         """Runs after each successful start, once the ports answer."""
+        await _camel_hook(self, "onStart")
 
     async def on_stop(self, params: StopParams) -> None:
         """Runs once per container run after it ended."""
+        await _camel_hook(self, "onStop", params)
 
     async def on_error(self, error: BaseException) -> None:
         """Runs when a start fails; the default logs it and re-raises."""
-        log.error("%s: %s", _supervisor(self), error)
-        raise error
+        if not await _camel_hook(self, "onError", error):
+            log.error("%s: %s", _supervisor(self), error)
+            raise error
 
     async def on_activity_expired(self) -> None:
         """Runs when ``sleep_after`` passed with nothing in flight; the default puts the
         container to sleep as ``sleep_mode`` says (stop, or pause)."""
-        await _supervisor(self).default_activity_expired()
+        if not await _camel_hook(self, "onActivityExpired"):
+            await _supervisor(self).default_activity_expired()
 
     # Lifecycle
 
     async def start(
         self,
+        start_options: Mapping[str, Any] | None = None,
+        wait_options: Mapping[str, Any] | None = None,
         *,
         env_vars: dict[str, str] | None = None,
         entrypoint: list[str] | None = None,
         enable_internet: bool | None = None,
     ) -> None:
-        """Start the container if it is not running. Does not wait for its ports."""
-        await _supervisor(self).start(None, StartOverrides(env_vars, entrypoint, enable_internet))
+        """Start the container if it is not running (Cloudflare's ``start``).
 
-    async def start_and_wait_for_ports(self, ports: list[int] | int | None = None) -> None:
-        """Start if needed and wait until every port answers HTTP (state ``healthy``)."""
+        ``start_options``: ``envVars``, ``entrypoint``, ``enableInternet``, ``labels``
+        (the keyword arguments say the same). Without ``wait_options`` it does not wait
+        for ports; with them (``portToCheck``, ``retries``, ``waitInterval`` in ms,
+        ``signal``) it waits for that port as ``wait_for_port`` does.
+        """
+        overrides = start_overrides(start_options, env_vars, entrypoint, enable_internet)
+        await _supervisor(self).start(None, overrides)
+        if wait_options is not None:
+            await self.wait_for_port(wait_options)
+
+    async def start_and_wait_for_ports(
+        self,
+        ports: list[int] | int | None = None,
+        cancellation_options: Mapping[str, Any] | None = None,
+        start_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Start if needed and wait until every port answers HTTP (state ``healthy``).
+
+        ``cancellation_options`` (Cloudflare's): ``instanceGetTimeoutMS`` bounds the start,
+        ``portReadyTimeoutMS`` the wait for the ports, ``abort`` (an ``asyncio.Event``)
+        gives up when set, ``waitInterval`` is not used (probes back off on their own).
+        Giving up ends this call only: the start itself goes on for other callers, within
+        the class's ``start_timeout`` and ``port_timeout``.
+        """
         supervisor = _supervisor(self)
-        if isinstance(ports, int):
-            ports = [ports]
-        assert supervisor.options is not None
-        await supervisor.start(ports or supervisor.options.ports_to_check, StartOverrides())
+        options = supervisor.options
+        assert options is not None
+        wanted = [ports] if isinstance(ports, int) else list(ports or options.ports_to_check)
+        cancel = known_options(cancellation_options, CANCELLATION_KEYS, "cancellation_options")
+        abort = cancel.get("abort")
+        start_ms = cancel.get("instanceGetTimeoutMS")
+        await within(
+            supervisor.start(None, start_overrides(start_options)),
+            start_ms,
+            abort,
+            f"the container did not start within {start_ms} ms (instanceGetTimeoutMS)",
+        )
+        ready_ms = cancel.get("portReadyTimeoutMS")
+        await within(
+            supervisor.start(wanted, StartOverrides()),
+            ready_ms,
+            abort,
+            f"port(s) {', '.join(map(str, wanted))} did not answer within {ready_ms} ms "
+            "(portReadyTimeoutMS)",
+        )
+
+    async def wait_for_port(
+        self, wait_options: Mapping[str, Any] | None = None, *, port: int | None = None
+    ) -> None:
+        """Wait until a port answers HTTP (Cloudflare's ``waitForPort``); starts the
+        container if it is not running.
+
+        ``wait_options``: ``portToCheck`` (default: ``default_port``), ``retries`` and
+        ``waitInterval`` (ms; together they bound the wait), ``signal`` (an
+        ``asyncio.Event`` that gives up when set).
+        """
+        supervisor = _supervisor(self)
+        options = supervisor.options
+        assert options is not None
+        wait = known_options(wait_options, WAIT_KEYS, "wait_options")
+        target = port or wait.get("portToCheck") or options.default_port
+        if target is None:
+            raise ContainerError(
+                "wait_for_port(): give portToCheck (the class has no default_port)"
+            )
+        budget_ms = None
+        if wait.get("retries") is not None:
+            budget_ms = wait["retries"] * wait.get(
+                "waitInterval", options.readiness.wait_interval * 1000
+            )
+        await within(
+            supervisor.ready(int(target)),
+            budget_ms,
+            wait.get("signal"),
+            f"port {target} did not answer within {budget_ms} ms (retries x waitInterval)",
+        )
 
     async def stop(self, signal: str | int = "SIGTERM") -> None:
-        """Signal the container and wait for it to end (SIGKILL after ``stop_timeout``)."""
-        await _supervisor(self).stop(signal_number(signal), grace=self.stop_timeout)
+        """Send ``signal`` (default SIGTERM) and return, as Cloudflare's ``stop``: nothing
+        escalates to SIGKILL; ``destroy()`` kills. ``on_stop`` runs once it has ended."""
+        await _supervisor(self).signal(signal_number(signal), reason="stop")
 
     async def destroy(self) -> None:
-        """Kill the container now."""
+        """Kill the container now (SIGKILL) and wait until its end is recorded."""
         await _supervisor(self).destroy()
 
     async def pause(self) -> None:
@@ -143,6 +235,7 @@ class Container(DurableObject):
         await _supervisor(self).pause()
 
     async def get_state(self) -> State:
+        """Cloudflare's shape: ``status``, ``lastChange`` (ms), ``exitCode``."""
         return _supervisor(self).state
 
     def renew_activity_timeout(self) -> None:
@@ -161,7 +254,7 @@ class Container(DurableObject):
             request.headers.popall(SWITCH_PORT_HEADER, None)
             request.headers.popall(CF_SWITCH_PORT_HEADER, None)
             port = int(port_header) if port_header.isdigit() else -1
-            declared = options.declared_ports
+            declared = _reachable_ports(supervisor)
             if port not in declared:
                 log.warning(
                     "%s: switch_port to %r, which the class does not declare (%s)",
@@ -171,7 +264,7 @@ class Container(DurableObject):
                 )
                 return Response(
                     f"Bad container port {port_header!r}: {type(self).__name__} declares "
-                    f"{', '.join(map(str, declared)) or 'no ports'}\n",
+                    f"or exposes {', '.join(map(str, declared)) or 'no ports'}\n",
                     status=400,
                 )
             return await self.container_fetch(request, port=port)
@@ -192,7 +285,8 @@ class Container(DurableObject):
         headers: HeadersInit = None,
         body: Any = None,
     ) -> Response:
-        """Send a request (or a URL, relative ones go to ``http://container``) to a port."""
+        """Send a request (or a URL, relative ones go to ``http://container``) to a port:
+        one the class declares or the image EXPOSEs (another raises ``ContainerError``)."""
         if not isinstance(request, Request) or method or headers is not None or body is not None:
             request = Request(request, method=method, headers=headers, body=body)
         supervisor = _supervisor(self)
@@ -201,6 +295,13 @@ class Container(DurableObject):
         port = port or options.default_port or next(iter(options.required_ports), None)
         if port is None:
             return Response("No port to send the request to\n", status=500)
+        reachable = _reachable_ports(supervisor)
+        if port not in reachable:
+            raise ContainerError(
+                f"container_fetch(): port {port} is neither declared by "
+                f"{type(self).__name__} (default_port, required_ports) nor exposed by its "
+                f"image; reachable: {', '.join(map(str, reachable)) or 'none'}"
+            )
         lease = supervisor.lease()
         # The lease is released exactly once: by the forwarder when the response body
         # ends or is closed, or here when anything (an error, a cancellation) comes first.
@@ -278,8 +379,9 @@ class Container(DurableObject):
 
     async def schedule(
         self, when: datetime | float | int, method_name: str, payload: Any = None
-    ) -> Schedule:
-        """Call ``method_name(payload)`` once at ``when`` (a datetime, or seconds from now)."""
+    ) -> ContainerSchedule:
+        """Call ``method_name(payload, schedule)`` once at ``when`` (a datetime, or seconds
+        from now); a method that takes one argument gets ``payload`` only."""
         method = getattr(self, method_name, None)
         if method_name.startswith("_") or not callable(method):
             raise ContainerError(
@@ -287,16 +389,26 @@ class Container(DurableObject):
             )
         row = _schedules(self).add(when, method_name, payload)
         await self._dockyard_arm_alarm()
-        return row
+        return ContainerSchedule.of(row)
 
-    async def get_schedule(self, schedule_id: str) -> Schedule | None:
-        return _schedules(self).get(schedule_id)
+    async def get_schedule(self, schedule_id: str) -> ContainerSchedule | None:
+        row = _schedules(self).get(schedule_id)
+        return None if row is None else ContainerSchedule.of(row)
 
-    async def list_schedules(self) -> list[Schedule]:
-        return _schedules(self).all()
+    async def list_schedules(self, callback: str | None = None) -> list[ContainerSchedule]:
+        """Pending schedules, soonest first; given ``callback``, only those calling it."""
+        rows = _schedules(self).all()
+        return [ContainerSchedule.of(r) for r in rows if callback in (None, r.callback)]
 
     async def delete_schedule(self, schedule_id: str) -> bool:
         deleted = _schedules(self).delete(schedule_id)
+        await self._dockyard_arm_alarm()
+        return deleted
+
+    async def delete_schedules(self, callback: str) -> int:
+        """Delete every pending schedule that calls ``callback``; how many were."""
+        table = _schedules(self)
+        deleted = sum(table.delete(row.id) for row in table.all() if row.callback == callback)
         await self._dockyard_arm_alarm()
         return deleted
 
@@ -306,7 +418,11 @@ class Container(DurableObject):
         table = _schedules(self)
         for row in table.due(time.time()):
             try:
-                result = getattr(self, row.callback)(row.payload)
+                method = getattr(self, row.callback)
+                if takes_two(method):
+                    result = method(row.payload, ContainerSchedule.of(row))
+                else:
+                    result = method(row.payload)
                 if asyncio.iscoroutine(result):
                     await result
             except Exception:
@@ -321,6 +437,17 @@ class Container(DurableObject):
             await self.ctx.storage.set_alarm(next_time * 1000)
         else:
             await self.ctx.storage.delete_alarm()
+
+    # Cloudflare's names, so a class ported from TypeScript calls the same methods.
+    startAndWaitForPorts = start_and_wait_for_ports
+    waitForPort = wait_for_port
+    getState = get_state
+    renewActivityTimeout = renew_activity_timeout
+    containerFetch = container_fetch
+    getSchedule = get_schedule
+    getSchedules = list_schedules
+    deleteSchedule = delete_schedule
+    deleteSchedules = delete_schedules
 
     # What the object host asks
 
@@ -361,12 +488,33 @@ def _options(cls: type[Container], supervisor: ContainerSupervisor) -> Container
             cls.ping_endpoint, cls.port_timeout, cls.probe_timeout, cls.wait_interval
         ),
         start_timeout=cls.start_timeout,
-        stop_timeout=cls.stop_timeout,
+        stop_timeout=(
+            supervisor.manager.settings.stop_grace if cls.stop_timeout is None else cls.stop_timeout
+        ),
         start_boost=cls.start_boost,
         cap_add=tuple(cls.cap_add),
         pids_limit=cls.pids_limit,
         read_only_root=cls.read_only_root,
+        labels=tuple((str(k), str(v)) for k, v in cls.labels.items()),
     )
+
+
+async def _camel_hook(instance: Container, name: str, *args: Any) -> bool:
+    """Call the subclass's hook under Cloudflare's name, if it has one."""
+    hook = getattr(instance, name, None)
+    if hook is None or not callable(hook):
+        return False
+    result = hook(*args)
+    if inspect.isawaitable(result):
+        await result
+    return True
+
+
+def _reachable_ports(supervisor: ContainerSupervisor) -> list[int]:
+    """The ports a request may go to: declared by the class or EXPOSEd by the image."""
+    assert supervisor.options is not None
+    exposed = supervisor.manager.image_entry(supervisor.class_name).exposed_ports
+    return sorted({*supervisor.options.declared_ports, *exposed})
 
 
 def _running_id(supervisor: ContainerSupervisor, what: str) -> str:

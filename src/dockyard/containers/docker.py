@@ -293,6 +293,14 @@ class DockerRuntime:
                 raise
         return str(found["Id"])
 
+    async def exposed_ports(self, ref: str) -> tuple[int, ...]:
+        async with self._short_call(f"inspect image {ref!r}"):
+            found = await self._client().images.inspect(ref)
+        exposed = (found.get("Config") or {}).get("ExposedPorts") or {}
+        # Keys read "8080/tcp"; only TCP ports can be proxied to.
+        ports = (key.partition("/") for key in exposed)
+        return tuple(sorted(int(port) for port, _, proto in ports if proto in ("", "tcp")))
+
     # Containers
 
     async def run(self, spec: ContainerSpec) -> ContainerInfo:

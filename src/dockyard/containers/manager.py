@@ -6,6 +6,9 @@ and is the one place that knows every container the app runs, so nothing is left
 behind on exit. It only ever touches containers labelled with its own ``owner``
 (unique to one state folder or node): another Dockyard's containers, even of an app
 with the same name, are never adopted, stopped or removed.
+
+A little over 400 lines: capacity, adoption and the container spec all read the same
+per-class state (image, limits), which is kept here rather than spread out.
 """
 
 from __future__ import annotations
@@ -15,18 +18,18 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from ..config import Config, ContainerConfig
-from ..errors import ContainerError, ImageError, NoCapacity, TooManyStarts
+from ..errors import ContainerError, EngineUnavailable, ImageError, NoCapacity, TooManyStarts
 from ..settings import ContainerSettings
 from . import labels
 from .images import ensure_image
 from .proxy import open_session
-from .runtime import ContainerInfo, ContainerRuntime, ContainerSpec
+from .runtime import ContainerInfo, ContainerRuntime, ContainerSpec, ImagePorts
 from .supervisor import ContainerOptions, ContainerSupervisor, Phase
 from .upstream import UpstreamPool
 
@@ -44,6 +47,8 @@ class ClassImage:
     error: ImageError | None = None
     # The instance type's CPUs, capped to what the engine's host has.
     vcpu: float | None = None
+    # The ports the image EXPOSEs: published at every start, reachable by container_fetch.
+    exposed_ports: tuple[int, ...] = ()
 
     @property
     def version(self) -> str:
@@ -84,6 +89,8 @@ class ContainerManager:
         self._waker: Waker | None = None
         self._warned_disk = False
         self._stopping = False
+        # Objects whose last start ended with the engine not answering (see _reconcile).
+        self._unsure: set[tuple[str, str]] = set()
         # Containers the platform itself stopped (at exit), so their end reads as a stop.
         self.platform_stops: set[str] = set()
 
@@ -173,6 +180,8 @@ class ContainerManager:
                 build_args=c.image_vars,
                 on_output=self._on_build_output,
             )
+            if isinstance(self.runtime, ImagePorts):
+                entry.exposed_ports = await self.runtime.exposed_ports(entry.image)
         except ImageError as exc:
             # Keep serving: the worker still runs, and every start of this class answers
             # 500 with the build failure until the Dockerfile is fixed.
@@ -212,6 +221,11 @@ class ContainerManager:
             supervisor = self.supervisor(class_name, object_id, name)
             self._capacity[class_name].running.add(newest.id)
             supervisor.adopt(newest)
+            # The last run may have died during its start boost: the quota applies now.
+            try:
+                await self.apply_cpu_quota(supervisor)
+            except ContainerError as exc:
+                log.warning("%s: could not apply its CPU quota: %s", supervisor, exc)
         for supervisor in self.supervisors():
             # The instance attaches and arms the sleep timer with its class's settings.
             await self.wake(supervisor)
@@ -230,11 +244,11 @@ class ContainerManager:
             *(s.aclose(self.settings.stop_grace) for s in supervisors), return_exceptions=True
         )
         # A start cut short (a timeout between create and start) can leave a container
-        # that never ran; nothing of this app stays behind.
+        # that never ran, or one the engine started after it stopped answering that no
+        # supervisor knows of; nothing of this app stays behind.
         try:
             for info in await self.runtime.list(self.labels):
-                if info.status not in ("running", "paused") or info.id in self.platform_stops:
-                    await self.runtime.remove(info.id)
+                await self.runtime.remove(info.id)
         except ContainerError as exc:
             log.warning("Could not clean up stopped containers: %s", exc)
         self._supervisors.clear()
@@ -265,12 +279,14 @@ class ContainerManager:
         enable_internet: bool,
         ports: Sequence[int],
         boost: bool,
+        extra_labels: Mapping[str, str] | None = None,
     ) -> ContainerInfo:
         class_name = supervisor.class_name
         entry = self.image_entry(class_name)
         if entry.error is not None:
             raise entry.error
         assert entry.image is not None
+        own_labels = _class_labels(class_name, extra_labels or {})
         cap = self._capacity[class_name]
         limit = entry.config.max_instances
         if len(cap.running) + cap.starting >= limit:
@@ -291,6 +307,7 @@ class ContainerManager:
         spec = ContainerSpec(
             image=entry.image,
             labels={
+                **own_labels,
                 labels.APP: self.app,
                 labels.OWNER: self.owner,
                 labels.CLASS: class_name,
@@ -303,9 +320,17 @@ class ContainerManager:
                 "DOCKYARD_DURABLE_OBJECT_ID": supervisor.object_id,
                 "DOCKYARD_APPLICATION": self.app,
                 "DOCKYARD_LOCATION": self.settings.location,
+                # Cloudflare's names for the same, so images built for it run unchanged.
+                # One node is one place: its location stands for the region too, and the
+                # country is "XX" (unknown), as Cloudflare writes an unknown country.
+                "CLOUDFLARE_DURABLE_OBJECT_ID": supervisor.object_id,
+                "CLOUDFLARE_APPLICATION_ID": self.app,
+                "CLOUDFLARE_LOCATION": self.settings.location,
+                "CLOUDFLARE_REGION": self.settings.location,
+                "CLOUDFLARE_COUNTRY_A2": "XX",
             },
             entrypoint=entrypoint,
-            ports=sorted(set(ports)),
+            ports=sorted({*ports, *entry.exposed_ports}),
             vcpu=None if boost else entry.vcpu,
             memory_mib=resources.memory_mib,
             disk_mb=resources.disk_mb,
@@ -314,7 +339,15 @@ class ContainerManager:
         spec = _harden(spec, options)
         cap.starting += 1
         try:
+            adopted = await self._reconcile(supervisor, entry)
+            if adopted is not None:
+                cap.running.add(adopted.id)
+                return adopted
             info = await self.runtime.run(spec)
+        except (EngineUnavailable, asyncio.CancelledError):
+            # The engine may still carry this start out once it answers again.
+            self._unsure.add((class_name, supervisor.object_id))
+            raise
         finally:
             cap.starting -= 1
         cap.running.add(info.id)
@@ -325,6 +358,30 @@ class ContainerManager:
                 "cannot limit a container's disk (overlay2 needs xfs with pquota)"
             )
         return info
+
+    async def _reconcile(
+        self, supervisor: ContainerSupervisor, entry: ClassImage
+    ) -> ContainerInfo | None:
+        """Before starting again after a start the engine did not answer, adopt the
+        container that start made if it runs (start none), and remove any that does not."""
+        key = (supervisor.class_name, supervisor.object_id)
+        if key not in self._unsure:
+            return None
+        found = await self.runtime.list({**self.labels, labels.OBJECT: supervisor.object_id})
+        self._unsure.discard(key)
+        adopted = None
+        for info in found:
+            current = info.labels.get(labels.VERSION) == entry.version
+            if adopted is None and current and info.status == "running":
+                log.info(
+                    "%s: adopting %s, started by the engine after it timed out",
+                    supervisor,
+                    info.name,
+                )
+                adopted = info
+            else:
+                await self.runtime.remove(info.id)
+        return adopted
 
     async def apply_cpu_quota(self, supervisor: ContainerSupervisor) -> None:
         """End a start boost: the container gets its instance type's CPU quota."""
@@ -346,6 +403,17 @@ class ContainerManager:
             if supervisor.phase is not Phase.STOPPED:
                 counts[supervisor.phase.value] = counts.get(supervisor.phase.value, 0) + 1
         return counts
+
+
+def _class_labels(class_name: str, wanted: Mapping[str, str]) -> dict[str, str]:
+    """A class's own engine labels; Dockyard's prefix is refused, never overridden."""
+    reserved = sorted(k for k in wanted if k.startswith(labels.RESERVED_PREFIX))
+    if reserved:
+        raise ContainerError(
+            f"{class_name}: label(s) {', '.join(reserved)} use the reserved prefix "
+            f"{labels.RESERVED_PREFIX!r}, which Dockyard's own labels use; rename them"
+        )
+    return {str(k): str(v) for k, v in wanted.items()}
 
 
 def _harden(spec: ContainerSpec, options: ContainerOptions | None) -> ContainerSpec:

@@ -5,6 +5,7 @@ dataclasses and the protocols below; `docker.py` implements them on the Docker E
 API, and tests may pass a small fake that implements only the concern it needs:
 
     ImageStore           build_image, image_id
+    ImagePorts           exposed_ports (optional: a runtime without it exposes nothing)
     ContainerLifecycle   run, inspect, wait, signal, stop, pause, unpause, set_cpu_limit,
                          kill, remove, list, engine_info
     ContainerExec        exec, exec_stream
@@ -70,6 +71,7 @@ __all__ = [
     "ExecProcess",
     "ExecResult",
     "ExitStatus",
+    "ImagePorts",
     "ImageStore",
     "RuntimeCapabilities",
 ]
@@ -227,6 +229,17 @@ class ImageStore(Protocol):
 
     async def image_id(self, ref: str) -> str | None:
         """The image's id (``sha256:…``), or None when the engine does not have it."""
+        ...
+
+
+@runtime_checkable
+class ImagePorts(Protocol):
+    """What an image says about its ports (kept apart from `ImageStore`, so a fake
+    store need not answer it)."""
+
+    async def exposed_ports(self, ref: str) -> tuple[int, ...]:
+        """The TCP ports the image EXPOSEs, sorted. Raises `ContainerError` (its
+        `EngineUnavailable` subclass when the engine is down) if it cannot be inspected."""
         ...
 
 

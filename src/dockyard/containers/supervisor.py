@@ -19,6 +19,9 @@ attaches to the same supervisor, so an object never has two containers. Hooks
 (``on_start``, ``on_stop``, ``on_error``, ``on_activity_expired``) are called on
 whichever instance is attached, and the instance is brought back (``wake``) when a hook
 is due and none is.
+
+This module is longer than most (over 400 lines) on purpose: it is one state machine,
+and every transition, task and timer of it is kept in one place to be read together.
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ class ContainerOptions:
     cap_add: tuple[str, ...] = ()
     pids_limit: int | None = None
     read_only_root: bool = False
+    # The class's own engine labels (never a "dockyard." one: the manager refuses those).
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def ports_to_check(self) -> list[int]:
@@ -112,6 +117,7 @@ class StartOverrides:
     env_vars: Mapping[str, str] | None = None
     entrypoint: Sequence[str] | None = None
     enable_internet: bool | None = None
+    labels: Mapping[str, str] | None = None
 
 
 class Hooks(Protocol):
@@ -160,7 +166,7 @@ class ContainerSupervisor:
         self.info: ContainerInfo | None = None
         self.options: ContainerOptions | None = None
         self.last_output: list[str] = []
-        self._state = State("stopped", time.time())
+        self._state = State.at("stopped", time.time())
         self._restored = False
         self._hooks: Hooks | None = None
         self._persist: Callable[[dict[str, Any]], None] | None = None
@@ -203,7 +209,7 @@ class ContainerSupervisor:
                 if status in ("running", "healthy", "stopping", "paused"):
                     # The platform went away while it ran and the container is gone now.
                     status = "stopped"
-                self._state = State(
+                self._state = State.at(
                     status, stored.get("last_change", time.time()), stored.get("exit_code")
                 )
         self._save_state()
@@ -316,12 +322,13 @@ class ContainerSupervisor:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def stop(self, signal: int, *, reason: StopReason = "stop", grace: float) -> None:
-        """Signal the container and wait for it to end; SIGKILL after ``grace`` seconds."""
+    async def signal(self, signal: int, *, reason: StopReason = "stop") -> bool:
+        """Send ``signal`` and return (``Container.stop``, as Cloudflare's): nothing
+        escalates. False when no container runs."""
         await self._let_start_finish()
         info = self.info
         if info is None:
-            return
+            return False
         self._stop_reason = self._stop_reason or reason
         try:
             if self.phase is Phase.PAUSED:
@@ -332,6 +339,13 @@ class ContainerSupervisor:
             await self.manager.runtime.signal(info.id, signal)
         except ContainerGone:
             pass
+        return True
+
+    async def stop(self, signal: int, *, reason: StopReason = "stop", grace: float) -> None:
+        """A platform stop: signal the container, wait for it to end, SIGKILL after
+        ``grace`` seconds."""
+        if not await self.signal(signal, reason=reason):
+            return
         try:
             await asyncio.wait_for(self._stopped.wait(), grace)
         except TimeoutError:
@@ -344,7 +358,9 @@ class ContainerSupervisor:
         info = self.info
         if info is None:
             return
-        self._stop_reason = reason if self._stop_reason in (None, "stop") else self._stop_reason
+        self._stop_reason = (
+            reason if self._stop_reason in (None, "stop", "sleep") else self._stop_reason
+        )
         with contextlib.suppress(ContainerGone):
             await self.manager.runtime.kill(info.id)
         await self._stopped.wait()
@@ -389,7 +405,7 @@ class ContainerSupervisor:
             await asyncio.gather(self._start_task, return_exceptions=True)
         if self.info is not None and self.phase is not Phase.UNKNOWN:
             try:
-                await self.stop(15, reason="stop", grace=grace)
+                await self.stop(15, reason="shutdown", grace=grace)
             except ContainerError as exc:
                 log.warning("%s: could not stop it: %s", self, exc)
             with contextlib.suppress(TimeoutError):
@@ -479,6 +495,7 @@ class ContainerSupervisor:
                     enable_internet=internet,
                     ports=sorted({*options.declared_ports, *ports}),
                     boost=boost,
+                    extra_labels={**dict(options.labels), **(overrides.labels or {})},
                 )
         except BaseException:
             if self.info is None:
@@ -491,10 +508,18 @@ class ContainerSupervisor:
         self.renew()
         self._enter(Phase.RUNNING)
         self._arm_timer()
-        if not ports:
-            await self._end_boost()  # nothing to wait for: no reason to boost
+        if not ports and boost and options.ports_to_check:
+            # A start that waits for no port (start_and_wait_for_ports() waits after it):
+            # the quota comes once the class's ports answer, in the background.
+            info = self.info
+            end = self._end_boost_when_ready(options.ports_to_check, info)
+            self.own(asyncio.get_running_loop().create_task(end))
+        elif not ports:
+            await self._end_boost()  # no port to wait for: no reason to boost
         for port in sorted(set(ports)):
             await self._probe(port)
+        if ports:
+            await self._end_boost()  # every port this start waited for answers
         if ports and self.phase is Phase.RUNNING:
             self._enter(Phase.HEALTHY)
 
@@ -520,7 +545,15 @@ class ContainerSupervisor:
         self._ready_ports.add(port)
         if self.phase is Phase.RUNNING and self._start_task is None:
             self._enter(Phase.HEALTHY)
-        await self._end_boost()
+
+    async def _end_boost_when_ready(self, ports: list[int], info: ContainerInfo | None) -> None:
+        """The quota once every port answers, or once probing gave up (never boosted for
+        long); not if another container has replaced ``info`` meanwhile."""
+        with contextlib.suppress(ContainerError):
+            for port in sorted(set(ports)):
+                await self._probe(port)
+        if self.info is info:
+            await self._end_boost()
 
     async def _end_boost(self) -> None:
         """The container started without its CPU quota; it gets it once a port answered."""
@@ -561,9 +594,9 @@ class ContainerSupervisor:
         except ContainerError as exc:
             log.warning("Could not remove container %s: %s", info.name, exc)
         platform = info.id in self.manager.platform_stops
-        reason: StopReason = (
-            "oom" if status.oom_killed else (self._stop_reason or ("stop" if platform else "exit"))
-        )
+        reason: StopReason = "oom" if status.oom_killed else self._stop_reason or "exit"
+        if platform and reason == "exit":
+            reason = "shutdown"
         self._stop_reason = None
         self.info = None
         self._ready_ports = set()
@@ -580,7 +613,7 @@ class ContainerSupervisor:
             )
         self._enter(Phase.STOPPED, status.exit_code, stopped_by_itself=reason in ("exit", "oom"))
         self._stopped.set()
-        params = StopParams(exit_code=status.exit_code, reason=reason)
+        params = StopParams.of(status.exit_code, reason)
         hooks = self._hooks
         if hooks is not None:
             try:
@@ -597,6 +630,16 @@ class ContainerSupervisor:
         delay = settings.engine_retry_initial
         before: Phase | None = None
         while True:
+            if self.phase is Phase.UNKNOWN:
+                # A wait on a running container only returns when it exits: ask first,
+                # or the phase would stay unknown (and requests 503) until then.
+                current = await self._inspect_quietly(info.id)
+                if current is not None and current.running:
+                    log.info("%s: engine back; the container still runs", self)
+                    self._enter(
+                        before if before in (Phase.RUNNING, Phase.PAUSED) else Phase.HEALTHY
+                    )
+                    delay = settings.engine_retry_initial
             try:
                 status = await self.manager.runtime.wait(info.id)
             except EngineUnavailable as exc:
@@ -667,7 +710,7 @@ class ContainerSupervisor:
                 self,
                 self.options.stop_paused_after,
             )
-            await self.stop(15, reason="stop", grace=self.options.stop_timeout)
+            await self.stop(15, reason="sleep", grace=self.options.stop_timeout)
             return
         hooks = await self._attached_hooks()
         if hooks is None:
@@ -687,7 +730,7 @@ class ContainerSupervisor:
         if self.options.sleep_mode == "pause":
             await self.pause()
         else:
-            await self.stop(15, reason="stop", grace=self.options.stop_timeout)
+            await self.stop(15, reason="sleep", grace=self.options.stop_timeout)
 
     # -- hooks and state ---------------------------------------------------------------------
 
@@ -716,7 +759,7 @@ class ContainerSupervisor:
         else:
             status = phase.value
         if status is not None:
-            self._state = State(status, time.time(), exit_code)
+            self._state = State.at(status, time.time(), exit_code)
             self._save_state()
         self.manager.phase_changed(self)
 
