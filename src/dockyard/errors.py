@@ -6,6 +6,8 @@ response or a message.
 
     DockyardError                      500 / exit 1
     ├── ConfigError                    exit 2    bad wrangler config, .dev.vars, main module
+    ├── InvalidArgument                500       a bad value passed to Dockyard's API (a ValueError)
+    ├── InvalidType                    500       a value of the wrong type (a TypeError)
     ├── WorkerError                    500       the user's worker could not be loaded or run
     │   └── InvalidHeader              500       a header that cannot go on the wire (CR, LF, NUL)
     ├── ClientError                    400       the client broke off or garbled its request body
@@ -78,6 +80,14 @@ class ConfigError(DockyardError):
             where = f"{where}: {path}" if where else path
         super().__init__(f"{where}: {message}" if where else message)
         self.detail = message
+
+
+class InvalidArgument(DockyardError, ValueError):
+    """A bad value given to Dockyard's API; also a ValueError, as Python code expects."""
+
+
+class InvalidType(DockyardError, TypeError):
+    """A value of the wrong type given to Dockyard's API; also a TypeError."""
 
 
 class WorkerError(DockyardError):

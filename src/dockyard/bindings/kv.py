@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-from dockyard.errors import BindingError
+from dockyard.errors import BindingError, InvalidType
 
 from ._sqlite import open_database
 from .records import KeyListing, Record, RecordList
@@ -44,7 +44,7 @@ _SCHEMA = (
 
 def _check_key(key: object) -> str:
     if not isinstance(key, str):
-        raise TypeError(f"KV keys are strings, got {type(key).__name__}")
+        raise InvalidType(f"KV keys are strings, got {type(key).__name__}")
     size = len(key.encode())
     if size == 0 or key in (".", ".."):
         raise BindingError(f'KV key {key!r} is not allowed (empty, "." or "..")')
@@ -165,7 +165,7 @@ class KvNamespace:
         elif isinstance(value, bytes | bytearray | memoryview):
             data = bytes(value)
         else:
-            raise TypeError(
+            raise InvalidType(
                 f"KV put() takes a str or bytes value, got {type(value).__name__} "
                 "(use json.dumps for objects)"
             )

@@ -637,7 +637,7 @@ class DockerExecProcess:
 
     async def _chunks(self) -> AsyncIterator[tuple[str, bytes]]:
         if self._stream is None:
-            raise RuntimeError("use `async with runtime.exec_stream(...)` first")
+            raise ContainerError("use `async with runtime.exec_stream(...)` first")
         with self._errors("read exec output"):
             while not self._eof:
                 message = await self._stream.read_out()

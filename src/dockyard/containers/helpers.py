@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Generator
 from typing import Any
 
+from ..errors import InvalidArgument
 from ..http import Request
 from .container import SWITCH_PORT_HEADER
 
@@ -45,7 +46,7 @@ def get_random(binding: Any, instances: int = 3) -> RandomStub:
     """The stub of one of ``instances`` container objects, picked at random per call;
     await it (Cloudflare's ``getRandom``) or use it as is."""
     if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
-        raise ValueError(f"get_random(): instances must be an integer >= 1, got {instances!r}")
+        raise InvalidArgument(f"get_random(): instances must be an integer >= 1, got {instances!r}")
     return RandomStub(get_container(binding, f"instance-{random.randrange(instances)}"))
 
 
@@ -62,7 +63,7 @@ def switch_port(request: Request, port: int) -> Request:
     default_port (as Cloudflare's ``switchPort``: the copy takes over the body stream;
     the original's headers are left as they were)."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValueError(f"switch_port(): port must be an integer 1-65535, got {port!r}")
+        raise InvalidArgument(f"switch_port(): port must be an integer 1-65535, got {port!r}")
     switched = Request(request)
     switched.headers[SWITCH_PORT_HEADER] = str(port)
     return switched

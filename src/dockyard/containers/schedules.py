@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from ..errors import InvalidArgument
 from ..objects.internal import InternalStore, internal_store
 from ..objects.sql import SqlStorage
 
@@ -40,10 +41,10 @@ class Schedule:
 def due_time(when: datetime | float | int) -> tuple[float, Literal["scheduled", "delayed"]]:
     if isinstance(when, datetime):
         if when.tzinfo is None:
-            raise ValueError("schedule(when=datetime): give an aware datetime (with tzinfo)")
+            raise InvalidArgument("schedule(when=datetime): give an aware datetime (with tzinfo)")
         return when.timestamp(), "scheduled"
     if isinstance(when, bool) or not isinstance(when, int | float) or when < 0:
-        raise ValueError(
+        raise InvalidArgument(
             f"schedule(when=...): expected a datetime or a delay in seconds >= 0, got {when!r}"
         )
     return time.time() + float(when), "delayed"
