@@ -24,7 +24,7 @@ import httptools
 
 from .._flow import ChunkBuffer, WriteFlow
 from ..errors import InvalidHeader
-from ..http import check_header_name, encode_header_block
+from ..http import GOOD_HEADER_NAMES, check_header_name, encode_header_block
 
 __all__ = ["UpstreamError", "UpstreamPool", "UpstreamResponse"]
 
@@ -288,6 +288,9 @@ class UpstreamPool:
             await ready
         except BaseException:
             connection._response = None
+            # Nobody waits for this answer any more: its failure must not be reported
+            # as an exception never retrieved when the connection closes.
+            ready.cancel()
             connection.close()
             raise
         return response
@@ -321,8 +324,10 @@ def _serialize_head(
     """The request line and headers, with framing for the body; True if chunked."""
     lines = []
     has_length = has_host = False
+    good_names = GOOD_HEADER_NAMES
     for name, value in headers:
-        check_header_name(name)
+        if name not in good_names:
+            check_header_name(name)  # raises InvalidHeader, or remembers the name
         lower = name.lower()
         has_host = has_host or lower == "host"
         if lower == "content-length":
