@@ -24,7 +24,8 @@ from .processes import DevServer
 from .profile import find_py_spy, profile_under_load, summarize_file
 from .report import render
 from .results import Results
-from .scenarios import APP, BASELINE_LABEL, Plan, Run, progress, stage
+from .scenarios import BASELINE_LABEL, Plan, Run, app_labels, dev_owner, progress, stage
+from .scenarios.boost import run_boost
 from .scenarios.burst import run_burst, run_fanout
 from .scenarios.cold import run_cold, run_wake
 from .scenarios.memory import run_memory
@@ -34,12 +35,12 @@ __all__ = ["main"]
 
 T = TypeVar("T")
 APP_DIR = Path(__file__).resolve().parent / "app"
-SCENARIOS = ("warm", "cold", "wake", "burst", "fanout", "memory")
+SCENARIOS = ("warm", "cold", "boost", "wake", "burst", "fanout", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="shorter runs (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs (about 2.5 minutes)")
     parser.add_argument(
         "--out",
         type=Path,
@@ -113,7 +114,7 @@ class Bench:
             finally:
                 # Whatever a failure left behind: this run's baseline and app containers.
                 left = await engine.remove_all({BASELINE_LABEL: self.run_id})
-                left += await engine.remove_all({"dockyard.app": APP})
+                left += await engine.remove_all(app_labels(dev_owner(project)))
                 if left:
                     self.results.notes.append(f"removed {left} container(s) left behind")
                 await engine.aclose()
@@ -129,7 +130,7 @@ class Bench:
         try:
             url = await dev.start()
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-                run = Run(self.plan, url, engine, session, workdir, self.run_id)
+                run = Run(self.plan, url, engine, session, workdir, self.run_id, dev_owner(project))
                 target = await start_warm_object(run)
                 if "warm" in only:
                     stage("Warm path")
@@ -140,6 +141,11 @@ class Bench:
                 if "cold" in only:
                     stage("Cold start")
                     results.cold = await self._attempt("cold start", run_cold(run, target.image))
+                if "boost" in only and not prereqs.has_start_boost():
+                    results.notes.append("start boost: skipped, Container has no start_boost")
+                elif "boost" in only:
+                    stage("Start boost (cold start of a 1 s boot on lite, 1/16 vCPU)")
+                    results.boost = await self._attempt("start boost", run_boost(run))
                 if "wake" in only and not prereqs.has_sleep_mode():
                     results.notes.append("wake from sleep: skipped, Container has no sleep_mode")
                 elif "wake" in only:

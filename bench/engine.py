@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["Engine", "EngineError"]
+__all__ = ["Engine", "EngineError", "docker_run", "unframe"]
 
 CONTAINER_PORT = 8080
 
@@ -80,6 +80,15 @@ class Engine:
             text = await events.text()
         return sum(1 for line in text.splitlines() if line.strip())
 
+    async def output(self, container_id: str) -> str:
+        """What the container printed so far (stdout and stderr, without stream framing)."""
+        async with self._session.get(
+            f"http://docker/containers/{container_id}/logs", params={"stdout": "1", "stderr": "1"}
+        ) as response:
+            if response.status >= 400:
+                raise EngineError(f"logs of {container_id[:12]}: {await response.text()}")
+            return unframe(await response.read()).decode(errors="replace")
+
     async def remove(self, container_id: str) -> None:
         async with self._session.delete(
             f"http://docker/containers/{container_id}", params={"force": "1", "v": "1"}
@@ -126,8 +135,19 @@ class Engine:
                             raise EngineError("the engine closed its event stream")
 
 
-async def docker_run(image: str, labels: Mapping[str, str]) -> str:
-    """``docker run -d -p 127.0.0.1::8080 IMAGE``, as a user would; returns the id."""
+def unframe(raw: bytes) -> bytes:
+    """A log stream without a TTY: each chunk has 1 byte of stream, 3 zero bytes and a
+    4-byte big-endian size in front of it."""
+    chunks, at = [], 0
+    while at + 8 <= len(raw):
+        size = int.from_bytes(raw[at + 4 : at + 8], "big")
+        chunks.append(raw[at + 8 : at + 8 + size])
+        at += 8 + size
+    return b"".join(chunks)
+
+
+async def docker_run(image: str, labels: Mapping[str, str], *command: str) -> str:
+    """``docker run -d -p 127.0.0.1::8080 IMAGE [COMMAND]``, as a user would; returns the id."""
     label_args = [arg for k, v in labels.items() for arg in ("--label", f"{k}={v}")]
     proc = await asyncio.create_subprocess_exec(
         "docker",
@@ -137,6 +157,7 @@ async def docker_run(image: str, labels: Mapping[str, str]) -> str:
         "-p",
         f"127.0.0.1::{CONTAINER_PORT}",
         image,
+        *command,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

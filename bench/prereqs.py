@@ -17,6 +17,7 @@ __all__ = [
     "ensure_tools",
     "has_idle_timeout_option",
     "has_sleep_mode",
+    "has_start_boost",
     "wait_for_engine",
 ]
 
@@ -64,6 +65,12 @@ def has_sleep_mode() -> bool:
     from dockyard import Container
 
     return hasattr(Container, "sleep_mode")
+
+
+def has_start_boost() -> bool:
+    from dockyard import Container
+
+    return hasattr(Container, "start_boost")
 
 
 def has_idle_timeout_option() -> bool:

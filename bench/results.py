@@ -8,6 +8,7 @@ from .stats import median, percentile
 from .wrk import WrkResult
 
 __all__ = [
+    "BoostResult",
     "BurstResult",
     "ColdResult",
     "FanoutResult",
@@ -40,6 +41,16 @@ class ColdResult:
     @property
     def docker_run_median(self) -> float:
         return median(self.docker_run_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class BoostResult:
+    """Cold starts of an app that works about 1 s at boot, on instance type lite."""
+
+    boosted_ms: list[float]  # Dockyard with the start boost: first request -> response
+    quota_ms: list[float]  # Dockyard, the class opted out: 1/16 vCPU from the start
+    docker_run_ms: list[float]  # docker run (no limits) -> first HTTP response
+    boot_cpu_s: list[float] = field(default_factory=list)  # CPU the work took, per docker run
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +127,7 @@ class Results:
     wrk_seconds: float
     warm: list[WarmRow] = field(default_factory=list)
     cold: ColdResult | None = None
+    boost: BoostResult | None = None
     wake: WakeResult | None = None
     burst: BurstResult | None = None
     fanout: FanoutResult | None = None

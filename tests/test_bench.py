@@ -6,11 +6,14 @@ The benchmark itself is never run here (``python -m bench``); see bench/README.m
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+from bench.engine import unframe
 from bench.profile import summarize
 from bench.report import fmt_bytes, fmt_ms, fmt_ratio, markdown_table, render, targets
 from bench.results import (
+    BoostResult,
     BurstResult,
     ColdResult,
     FanoutResult,
@@ -19,7 +22,7 @@ from bench.results import (
     WakeResult,
     WarmRow,
 )
-from bench.scenarios import Plan
+from bench.scenarios import Plan, app_labels, dev_owner
 from bench.stats import median, percentile
 from bench.wrk import WrkResult, parse_wrk
 
@@ -174,3 +177,45 @@ def test_quick_plan_is_shorter() -> None:
     quick, full = Plan.for_mode(True), Plan.for_mode(False)
     assert quick.wrk_seconds < full.wrk_seconds
     assert quick.connections == full.connections == (1, 16, 64)
+    assert 3 <= quick.boot_iterations <= full.boot_iterations
+
+
+def test_boost_target_compares_medians_with_docker_run() -> None:
+    results = _results()
+    name = "cold start on lite with start boost ÷ docker run, 1 s boot (medians)"
+    assert targets(results)[3].target == name
+    assert {row.target: row for row in targets(results)}[name].met is None
+    results.boost = BoostResult([1150.0, 1300.0, 1100.0], [18_000.0] * 3, [1000.0, 990.0, 1200.0])
+    row = {row.target: row for row in targets(results)}[name]
+    assert (row.measured, row.met) == ("1.15x", True)
+    results.boost = BoostResult([1250.0], [18_000.0], [1000.0])
+    assert {row.target: row for row in targets(results)}[name].met is False
+
+
+def test_render_has_the_boost_section_with_medians_p90_and_ratios() -> None:
+    results = _results()
+    assert "## Start boost" not in render(results)
+    results.boost = BoostResult(
+        [1100.0, 1200.0, 1500.0], [16_000.0, 17_000.0, 20_000.0], [1000.0, 1000.0, 1200.0], [1.0]
+    )
+    text = render(results)
+    assert "## Start boost" in text
+    assert "| Dockyard, lite, start boost (n=3) | 1,200 ms | 1,500 ms | 1.20x | 1.25x |" in text
+    assert "| `docker run`, no limits (n=3) | 1,000 ms | 1,200 ms | 1.00x | 1.00x |" in text
+    assert "17,000 ms | 20,000 ms | 17.00x | 16.67x |" in text
+    assert "1.00 s of CPU" in text
+
+
+def test_unframe_joins_the_engine_log_chunks() -> None:
+    def frame(stream: int, data: bytes) -> bytes:
+        return bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+    raw = frame(1, b"boot work: 0.98 s of CPU\n") + frame(2, b"warning\n") + b"\x01\x00"
+    assert unframe(raw) == b"boot work: 0.98 s of CPU\nwarning\n"
+
+
+def test_two_runs_never_share_container_labels(tmp_path: Path) -> None:
+    # Cleanup removes by these labels: a second bench on the machine has another owner.
+    first, second = dev_owner(tmp_path / "a" / "app"), dev_owner(tmp_path / "b" / "app")
+    assert first != second
+    assert app_labels(first) == {"dockyard.app": "dockyard-bench", "dockyard.owner": first}

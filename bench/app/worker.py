@@ -2,6 +2,8 @@
 
 /web/NAME/...       -> container object NAME of class Web (the request is forwarded as is)
 /sleepy/NAME/...    -> container object NAME of class Sleepy (pauses when it sleeps)
+/boot/NAME/...      -> container object NAME of class Boot (works ~1 s at boot, lite, boosted)
+/bootquota/NAME/... -> the same, class BootQuota: lite with its CPU quota from the start
 /plain/NAME         -> plain Durable Object NAME (answers "ok", stores nothing)
 /destroy/KIND/NAME  -> kill that object's container now (it is cold again afterwards)
 /state/KIND/NAME    -> the object's container state
@@ -25,12 +27,25 @@ class Sleepy(Container):
     sleep_mode = "pause"
 
 
+class Boot(Container):
+    default_port = 8080
+    sleep_after = "30m"
+    entrypoint = ["python3", "-u", "/srv/boot.py"]
+    # Without the boost, 1 s of CPU at 1/16 vCPU takes about 16 s: give it time.
+    port_timeout = 90.0
+
+
+class BootQuota(Boot):
+    # Opts out of the start boost (an older Container ignores the attribute).
+    start_boost = False
+
+
 class Plain(DurableObject):
     async def fetch(self, request):
         return Response("ok\n")
 
 
-CONTAINERS = {"web": "WEB", "sleepy": "SLEEPY"}
+CONTAINERS = {"web": "WEB", "sleepy": "SLEEPY", "boot": "BOOT", "bootquota": "BOOT_QUOTA"}
 
 
 async def fetch(request, env, ctx):

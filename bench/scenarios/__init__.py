@@ -11,7 +11,7 @@ import aiohttp
 from ..engine import Engine
 from ..probe import bounded
 
-__all__ = ["APP", "BASELINE_LABEL", "Plan", "Run", "object_labels", "progress", "stage"]
+__all__ = ["APP", "BASELINE_LABEL", "Plan", "Run", "app_labels", "dev_owner", "progress", "stage"]
 
 # The bench app's name (bench/app/wrangler.jsonc): its containers carry dockyard.app=APP.
 APP = "dockyard-bench"
@@ -28,6 +28,7 @@ class Plan:
     warmup_seconds: float
     connections: tuple[int, ...]
     iterations: int  # cold start and wake samples
+    boot_iterations: int  # start boost samples, each of the three paths
     burst: int
     fanout: int
     objects: int  # memory scenario
@@ -35,8 +36,8 @@ class Plan:
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
         if quick:
-            return cls(True, 2, 1, (1, 16, 64), 10, 200, 50, 10_000)
-        return cls(False, 5, 2, (1, 16, 64), 10, 200, 50, 10_000)
+            return cls(True, 2, 1, (1, 16, 64), 10, 3, 200, 50, 10_000)
+        return cls(False, 5, 2, (1, 16, 64), 10, 5, 200, 50, 10_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class Run:
     session: aiohttp.ClientSession  # to dockyard dev, keep-alive
     workdir: Path
     run_id: str
+    owner: str  # the dockyard.owner label of this run's dockyard dev (see dev_owner)
 
     @property
     def baseline_labels(self) -> dict[str, str]:
@@ -59,11 +61,23 @@ class Run:
         async with self.session.get(f"{self.url}/destroy/{kind}/{name}") as response:
             if response.status != 200:
                 raise RuntimeError(f"destroy {kind}/{name}: {response.status}")
-        await bounded(self.engine.wait_gone(object_labels(name)), 30, f"{name} not removed")
+        await bounded(self.engine.wait_gone(self.object_labels(name)), 30, f"{name} not removed")
+
+    def object_labels(self, name: str) -> dict[str, str]:
+        """Labels of object ``name``'s container in this run (not another bench's)."""
+        return {**app_labels(self.owner), "dockyard.object_name": name}
 
 
-def object_labels(name: str) -> dict[str, str]:
-    return {"dockyard.app": APP, "dockyard.object_name": name}
+def app_labels(owner: str) -> dict[str, str]:
+    """Labels of the containers of one dockyard dev of the bench app: two bench runs at
+    once (on a shared machine) must never count or remove each other's containers."""
+    return {"dockyard.app": APP, "dockyard.owner": owner}
+
+
+def dev_owner(project: Path) -> str:
+    from dockyard.containers.labels import dev_owner as owner_of
+
+    return owner_of(project / ".dockyard")
 
 
 def stage(title: str) -> None:

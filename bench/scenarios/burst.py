@@ -10,7 +10,7 @@ import aiohttp
 from ..engine import docker_run
 from ..probe import bounded, first_response, timed_get
 from ..results import BurstResult, FanoutResult
-from . import Run, object_labels, progress
+from . import Run, progress
 
 __all__ = ["run_burst", "run_fanout"]
 
@@ -34,7 +34,7 @@ async def run_burst(run: Run) -> BurstResult:
                 *(timed_get(clients, url) for _ in range(run.plan.burst))
             )
         # The engine's events count every start, also of a container that already ended.
-        started = await run.engine.starts(object_labels(BURST_OBJECT), since, time.time())
+        started = await run.engine.starts(run.object_labels(BURST_OBJECT), since, time.time())
     finally:
         await run.destroy("web", BURST_OBJECT)
     errors = sum(1 for status, _ in answers if status != 200)

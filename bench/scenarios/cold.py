@@ -7,9 +7,9 @@ import time
 from ..engine import docker_run
 from ..probe import bounded, first_response, timed_get
 from ..results import ColdResult, WakeResult
-from . import Run, object_labels, progress
+from . import Run, progress
 
-__all__ = ["run_cold", "run_wake"]
+__all__ = ["docker_run_until_answer", "expect_ok", "run_cold", "run_wake", "show"]
 
 COLD_OBJECT = "cold"
 SLEEPY_OBJECT = "nap"
@@ -21,22 +21,26 @@ async def run_cold(run: Run, image: str) -> ColdResult:
     baseline: list[float] = []
     for _ in range(run.plan.iterations):
         status, ms = await timed_get(run.session, f"{run.url}/web/{COLD_OBJECT}")
-        _expect_ok(status)
+        expect_ok(status)
         dockyard.append(ms)
         await run.destroy("web", COLD_OBJECT)
-        baseline.append(await _docker_run_until_answer(run, image))
-    progress(f"cold start: Dockyard {_show(dockyard)}")
-    progress(f"docker run: {_show(baseline)}")
+        baseline.append((await docker_run_until_answer(run, image))[0])
+    progress(f"cold start: Dockyard {show(dockyard)}")
+    progress(f"docker run: {show(baseline)}")
     return ColdResult(dockyard, baseline)
 
 
-async def _docker_run_until_answer(run: Run, image: str) -> float:
+async def docker_run_until_answer(
+    run: Run, image: str, *command: str, within: float = 30
+) -> tuple[float, str]:
+    """docker run -> first HTTP response, in ms, and the container's output by then."""
     started = time.perf_counter()
-    container_id = await docker_run(image, run.baseline_labels)
+    container_id = await docker_run(image, run.baseline_labels, *command)
     try:
         port = await run.engine.host_port(container_id)
-        await bounded(first_response(port), 30, f"docker run {image}: no HTTP answer")
-        return (time.perf_counter() - started) * 1000
+        await bounded(first_response(port), within, f"docker run {image}: no HTTP answer")
+        elapsed = (time.perf_counter() - started) * 1000
+        return elapsed, await run.engine.output(container_id)
     finally:
         await run.engine.remove(container_id)
 
@@ -47,26 +51,26 @@ async def run_wake(run: Run) -> WakeResult:
     samples: list[float] = []
     try:
         status, _ = await timed_get(run.session, url)  # the cold start, not measured
-        _expect_ok(status)
+        expect_ok(status)
         for _ in range(run.plan.iterations):
             await bounded(
-                run.engine.wait_paused(object_labels(SLEEPY_OBJECT)),
+                run.engine.wait_paused(run.object_labels(SLEEPY_OBJECT)),
                 30,
                 "the sleepy object's container was not paused",
             )
             status, ms = await timed_get(run.session, url)
-            _expect_ok(status)
+            expect_ok(status)
             samples.append(ms)
     finally:
         await run.destroy("sleepy", SLEEPY_OBJECT)
-    progress(f"wake from pause: {_show(samples)}")
+    progress(f"wake from pause: {show(samples)}")
     return WakeResult(samples)
 
 
-def _show(samples: list[float]) -> str:
+def show(samples: list[float]) -> str:
     return " ".join(f"{ms:.0f}" for ms in samples) + " ms"
 
 
-def _expect_ok(status: int | None) -> None:
+def expect_ok(status: int | None) -> None:
     if status != 200:
         raise RuntimeError(f"a first request answered {status or 'nothing'}, not 200")

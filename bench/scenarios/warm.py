@@ -8,7 +8,7 @@ from ..engine import EngineError
 from ..processes import Nginx
 from ..results import PATHS, WarmRow
 from ..wrk import run_wrk
-from . import Run, object_labels, progress
+from . import Run, progress
 
 __all__ = ["WARM_OBJECT", "WarmTarget", "run_warm", "start_warm_object"]
 
@@ -27,7 +27,7 @@ async def start_warm_object(run: Run) -> WarmTarget:
     async with run.session.get(f"{run.url}/web/{WARM_OBJECT}") as response:
         if response.status != 200:
             raise RuntimeError(f"warm object answered {response.status}: {await response.text()}")
-    found = await run.engine.containers(object_labels(WARM_OBJECT))
+    found = await run.engine.containers(run.object_labels(WARM_OBJECT))
     if len(found) != 1:
         raise EngineError(f"expected one container for {WARM_OBJECT!r}, found {len(found)}")
     container_id = found[0]["Id"]
