@@ -10,6 +10,10 @@ This class is a thin facade: the machinery lives in the node's
 ``ContainerSupervisor`` (reached through ``ctx.container``), so a subclass's own
 attributes (``self._state``, ``self._handle``, ...) and storage keys never collide with
 Dockyard's, and a worker reload hands the running container to the next instance.
+
+Over 400 lines: it is the whole user-facing surface of ``@cloudflare/containers``
+(snake_case and camelCase names, hooks, options, schedules), each method a few lines of
+delegation; option parsing and schedule shapes live in ``api_shapes.py``.
 """
 
 from __future__ import annotations
