@@ -151,6 +151,30 @@ async def test_websocket_upgrade_on_a_reused_keep_alive_connection(port: int) ->
             assert (await ws.receive(timeout=5)).data == "over the same connection"
 
 
+async def test_a_keep_alive_client_too_slow_with_its_next_head_gets_408() -> None:
+    # The head timer is armed only when a head outlasts the read it began in: a second
+    # request on a kept-alive connection whose head stops half way still times out.
+    gateway = Gateway(dispatch, port=0, limits=GatewayLimits(header_timeout=0.3))
+    port = await gateway.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /second HTTP/1.1\r\nHo")
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert first.startswith(b"HTTP/1.1 200 OK")
+        rest = await asyncio.wait_for(reader.read(), 5)
+        assert b"HTTP/1.1 408 Request Timeout" in rest
+        writer.close()
+    finally:
+        await gateway.stop()
+
+
+def test_request_path_and_query_follow_a_reassigned_url() -> None:
+    request = Request("http://a/one?x=1")
+    assert (request.path, request.query_string, request.query["x"]) == ("/one", "x=1", "1")
+    request.url = "http://a/two?x=2"
+    assert (request.path, request.query_string, request.query["x"]) == ("/two", "x=2", "2")
+
+
 async def test_a_client_too_slow_to_send_its_headers_gets_408() -> None:
     gateway = Gateway(dispatch, port=0, limits=GatewayLimits(header_timeout=0.3))
     port = await gateway.start()

@@ -126,6 +126,19 @@ class ChunkBuffer:
             self._resume_reading()
         return chunk
 
+    def take_all(self) -> bytes | None:
+        """The whole body at once if it has all arrived without error, else None."""
+        if not self.complete or self.error is not None:
+            return None
+        chunks = self._chunks
+        whole = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self._paused:
+            self._paused = False
+            self._resume_reading()
+        return whole
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while (chunk := await self.next_chunk()) is not None:
             yield chunk

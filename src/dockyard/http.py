@@ -22,7 +22,7 @@ from typing import Any, Literal
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .errors import InvalidHeader
+from .errors import InvalidArgument, InvalidHeader
 
 __all__ = [
     "BodyInit",
@@ -255,21 +255,39 @@ class Request(_Body):
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.url}>"
 
+    # ``url`` parsed, with the string it was parsed from (see ``parsed_url``).
+    _parsed: tuple[str, URL] | None = None
+
     @property
     def path(self) -> str:
-        return URL(self.url).path
+        return parsed_url(self).path
 
     @property
     def query(self) -> Mapping[str, str]:
-        return URL(self.url).query
+        return parsed_url(self).query
 
     @property
     def query_string(self) -> str:
-        return URL(self.url).query_string
+        return parsed_url(self).query_string
 
     @property
     def is_websocket(self) -> bool:
         return self.headers.get("upgrade", "").lower() == "websocket"
+
+
+def parsed_url(request: Request) -> URL:
+    """``request.url`` as a ``yarl.URL``, parsed once per value of ``url``.
+
+    A request's path is asked for several times on its way (the worker, static assets,
+    the proxy); ``url`` may be reassigned, and is then parsed again.
+    """
+    url = request.url
+    parsed = request._parsed
+    if parsed is not None and parsed[0] is url:
+        return parsed[1]
+    value = URL(url)
+    request._parsed = (url, value)
+    return value
 
 
 class _class_or_instance:
@@ -296,7 +314,7 @@ class Response(_Body):
         web_socket: WebSocket | None = None,
     ) -> None:
         if not 100 <= status <= 599:
-            raise ValueError(f"Response status must be between 100 and 599, got {status}")
+            raise InvalidArgument(f"Response status must be between 100 and 599, got {status}")
         self.status = status
         self.headers = make_headers(headers)
         self.web_socket = web_socket
@@ -321,7 +339,9 @@ class Response(_Body):
     @classmethod
     def redirect(cls, url: str, status: int = 302) -> Response:
         if status not in (301, 302, 303, 307, 308):
-            raise ValueError(f"redirect status must be 301, 302, 303, 307 or 308, got {status}")
+            raise InvalidArgument(
+                f"redirect status must be 301, 302, 303, 307 or 308, got {status}"
+            )
         return cls(None, status=status, headers={"location": url})
 
 

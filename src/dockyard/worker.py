@@ -18,7 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from .compat import MODULES_DIR, set_current_env
 from .compat.deps import WorkerEnvironment
@@ -176,6 +176,11 @@ async def _settle(result: Any) -> Any:
 
 
 def _call_with_prefix(function: Callable[..., Any], taken: int) -> FetchHandler:
+    if taken == 3 and inspect.iscoroutinefunction(function):
+        # The usual ``async def fetch(request, env, ctx)``: called as it is, without two
+        # more coroutines per request around it.
+        return cast(FetchHandler, function)
+
     async def call_function(event: Any, env: Env, ctx: ExecutionContext) -> Any:
         return await _settle(function(*(event, env, ctx)[:taken]))
 

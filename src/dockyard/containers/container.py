@@ -299,8 +299,8 @@ class Container(DurableObject):
         port = port or options.default_port or next(iter(options.required_ports), None)
         if port is None:
             return Response("No port to send the request to\n", status=500)
-        reachable = _reachable_ports(supervisor)
-        if port not in reachable:
+        # The default port is always reachable: the common case costs no set building.
+        if port != options.default_port and port not in (reachable := _reachable_ports(supervisor)):
             raise ContainerError(
                 f"container_fetch(): port {port} is neither declared by "
                 f"{type(self).__name__} (default_port, required_ports) nor exposed by its "

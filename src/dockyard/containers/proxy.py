@@ -17,7 +17,7 @@ from yarl import URL
 
 from .._tasks import until_first_done
 from ..errors import ContainerGone
-from ..http import HOP_BY_HOP, Request, Response, WebSocketPair
+from ..http import HOP_BY_HOP, Request, Response, WebSocketPair, parsed_url
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 __all__ = ["CONTAINER_BASE_URL", "forward_http", "forward_websocket", "open_session"]
@@ -56,8 +56,8 @@ def target_url(request_url: str, host_port: int) -> URL:
     )
 
 
-def host_header(request_url: str) -> str:
-    url = URL(request_url)
+def host_header(request_url: str | URL) -> str:
+    url = request_url if isinstance(request_url, URL) else URL(request_url)
     if not url.is_absolute():
         return URL(CONTAINER_BASE_URL).host or "container"
     return url.raw_authority or "container"
@@ -88,24 +88,23 @@ async def forward_http(
     ``on_lost`` turns a connection failure into the error to raise (it knows whether
     the container is still there).
     """
-    url = URL(request.url)
+    url = parsed_url(request)
     target = url.raw_path_qs if url.is_absolute() else URL(CONTAINER_BASE_URL).join(url).raw_path_qs
     body: bytes | AsyncIterator[bytes] | None = None
     if request.has_body:
         body = await request.bytes() if request.body_length is not None else request.stream()
     try:
         upstream = await pool.request(
-            host_port, request.method, target or "/", _header_list(request), body
+            host_port, request.method, target or "/", _header_list(request, url), body
         )
     except UpstreamError as exc:
         on_finished()
         raise on_lost(exc) from exc
-    headers = [(k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP]
     length = upstream.content_length
     if upstream.status in (204, 304) or length == 0:
         upstream.release()
         on_finished()
-        return Response(None, status=upstream.status, headers=headers)
+        return _response(None, upstream)
     if length is not None and length <= SMALL_BODY:
         # Small bodies are read at once: one write downstream instead of a stream.
         try:
@@ -114,14 +113,30 @@ async def forward_http(
             raise on_lost(exc) from exc
         finally:
             on_finished()
-        return Response(data, status=upstream.status, headers=headers)
-    return Response(_Relay(upstream, on_finished, on_lost), status=upstream.status, headers=headers)
+        return _response(data, upstream)
+    return _response(_Relay(upstream, on_finished, on_lost), upstream)
 
 
-def _header_list(request: Request) -> list[tuple[str, str]]:
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-    if "host" not in request.headers:
-        headers.append(("Host", host_header(request.url)))
+def _response(body: bytes | _Relay | None, upstream: UpstreamResponse) -> Response:
+    response = Response(body, status=upstream.status)
+    # The container's headers are already str pairs: one copy into the response, without
+    # the per-item conversion the constructor does for arbitrary header input.
+    response.headers = CIMultiDict(
+        [(k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP]
+    )
+    return response
+
+
+def _header_list(request: Request, url: URL) -> list[tuple[str, str]]:
+    headers = []
+    has_host = False
+    for k, v in request.headers.items():
+        lower = k.lower()
+        if lower not in HOP_BY_HOP:
+            headers.append((k, v))
+            has_host = has_host or lower == "host"
+    if not has_host:
+        headers.append(("Host", host_header(url)))
     return headers
 
 

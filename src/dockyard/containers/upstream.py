@@ -182,6 +182,9 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body; the connection goes back to the pool."""
         try:
+            whole = self.body.take_all()  # usually all there with the head: no awaits
+            if whole is not None:
+                return whole
             parts = []
             while (chunk := await self.next_chunk()) is not None:
                 parts.append(chunk)

@@ -31,6 +31,7 @@ from http import HTTPStatus
 from typing import cast
 
 import httptools
+from multidict import CIMultiDict
 from yarl import URL
 
 from .._flow import ChunkBuffer, WriteFlow
@@ -54,6 +55,9 @@ log = logging.getLogger("dockyard.gateway")
 # an optional port. Anything else could rewrite the request's URL, or fail to parse later.
 _HOST = re.compile(r"(?:[A-Za-z0-9._\-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
+_STATUS_LINES = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, text.encode()) for code, text in _REASONS.items()
+}
 _METHODS: dict[bytes, str] = {}
 
 # Why reading from the client is paused (a bit each; reading resumes when none is left).
@@ -113,6 +117,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         self._head_bytes = 0
         self._head_raw = 0
         self._in_head = False
+        self._head_started = 0.0
         self._body: ChunkBuffer | None = None
         self._body_progress = 0.0
         self._body_timer: asyncio.TimerHandle | None = None
@@ -189,6 +194,10 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
                 self._rejection = _simple_response(400, "Bad Request: malformed HTTP\n")
             self._reject()
             return False
+        if self._in_head and self._timer is None and not self._discard:
+            self._timer = self._loop.call_at(
+                self._head_started + self._limits.header_timeout, self._headers_too_slow
+            )
         if in_head and self._in_head:
             # A head that spans reads: bound what the parser holds for it (one header
             # value can be megabytes long before the parser reports it). The piece in
@@ -260,7 +269,10 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         self._in_head = True
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_later(self._limits.header_timeout, self._headers_too_slow)
+            self._timer = None
+        # The head's timer is armed by _feed only if the head outlasts this read (a head
+        # usually arrives whole): one timer fewer per request.
+        self._head_started = self._loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url_length += len(url)
@@ -342,12 +354,10 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             if expect_continue and self.transport is not None:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._body = body
-        request = Request(
-            f"http://{host}{target.decode('latin-1')}",
-            method=method,
-            headers=self._headers,
-            body=body,
-        )
+        request = Request(f"http://{host}{target.decode('latin-1')}", method=method, body=body)
+        # The parser's pairs are already str: one copy, without the constructor's per-item
+        # conversion of arbitrary header input.
+        request.headers = CIMultiDict(self._headers)
         queue = self._queue
         queue.append((request, self._parser.should_keep_alive(), body))
         if len(queue) > self._limits.max_pipelined:
@@ -461,11 +471,10 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
                 _simple_response(500, f"Internal Server Error (error id {ident})\n", keep_alive)
             )
             return
-        head = [
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Unknown").encode()),
-            date,
-            block,
-        ]
+        status_line = _STATUS_LINES.get(status)
+        if status_line is None:
+            status_line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Unknown").encode())
+        head = [status_line, date, block]
         if not keep_alive:
             head.append(b"Connection: close\r\n")
         if request.method == "HEAD" or status < 200 or status in (204, 304):

@@ -66,6 +66,14 @@ class Cell:
 
     # -- the gate ---------------------------------------------------------------------
 
+    def enter_now(self, task: asyncio.Task[Any]) -> bool:
+        """Enter at once when nothing holds the gate (the usual case); False: await enter()."""
+        if self.dead or self.blockers or self.waiters:
+            return False
+        self.active[task] = self.active.get(task, 0) + 1
+        self.host._call_started(self)
+        return True
+
     async def enter(self, task: asyncio.Task[Any]) -> None:
         if self.dead:
             raise ObjectReset(str(self.reset_error or f"{self} was reset"))

@@ -252,7 +252,8 @@ class ObjectHost:
             if not cell.retiring:
                 break
             await cell.dropped.wait()
-        await cell.enter(task)
+        if not cell.enter_now(task):
+            await cell.enter(task)
         try:
             assert cell.instance is not None
             return await invoke(cell, cell.instance)
