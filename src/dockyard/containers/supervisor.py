@@ -145,10 +145,6 @@ class Lease:
         if supervisor is not None:
             supervisor._lease_released()
 
-    @property
-    def released(self) -> bool:
-        return self._supervisor is None
-
 
 class ContainerSupervisor:
     def __init__(
@@ -234,10 +230,6 @@ class ContainerSupervisor:
     @property
     def state(self) -> State:
         return self._state
-
-    @property
-    def inflight(self) -> int:
-        return self._inflight
 
     # -- requests --------------------------------------------------------------------------
 
