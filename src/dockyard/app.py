@@ -23,7 +23,7 @@ from .containers.container import CF_SWITCH_PORT_HEADER, SWITCH_PORT_HEADER
 from .containers.runtime import ContainerRuntime
 from .containers.supervisor import ContainerSupervisor
 from .errors import DockyardError, WorkerError, error_id
-from .http import Request, Response
+from .http import Request, Response, error_response
 from .objects import ObjectHost
 from .objects.files import OpenFiles
 from .settings import Settings
@@ -186,8 +186,7 @@ class App:
             log.warning(
                 "%s %s -> %s (error id %s): %s", request.method, request.url, exc.status, ident, exc
             )
-            text = str(exc) if self.settings.containers.debug_errors else exc.public
-            return Response(f"{text} (error id {ident})\n", status=exc.status)
+            return error_response(exc, ident, debug=self.settings.containers.debug_errors)
 
     async def _run_worker(self, request: Request) -> Response:
         assert self.worker is not None, "App.start() was not called"

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .errors import InvalidArgument, InvalidHeader
+from .errors import DockyardError, InvalidArgument, InvalidHeader
 
 __all__ = [
     "BodyInit",
@@ -33,6 +33,7 @@ __all__ = [
     "WebSocket",
     "WebSocketMessage",
     "WebSocketPair",
+    "error_response",
 ]
 
 Headers = CIMultiDict
@@ -472,3 +473,14 @@ def WebSocketPair() -> tuple[WebSocket, WebSocket]:
     client, server = WebSocket(), WebSocket()
     client._peer, server._peer = server, client
     return client, server
+
+
+def error_response(
+    error: DockyardError, ident: str, *, debug: bool = False, prefix: str | None = None
+) -> Response:
+    """What a client sees of ``error``: its public message and the id that ties it to the
+    log line with the details (the details themselves only with ``debug``)."""
+    text = str(error) if debug else error.public
+    if prefix:
+        text = f"{prefix}: {text}"
+    return Response(f"{text} (error id {ident})\n", status=error.status)

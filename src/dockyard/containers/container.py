@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 
 from ..durations import parse_duration
 from ..errors import ContainerError, DockyardError, error_id
-from ..http import HeadersInit, Request, Response
+from ..http import HeadersInit, Request, Response, error_response
 from ..objects import DurableObject
 from .api_shapes import (
     CANCELLATION_KEYS,
@@ -539,8 +539,6 @@ def _error_response(
     """Clients get a short message and an error id; the log gets the details."""
     ident = error_id()
     log.warning("%s: error %s: %s", supervisor, ident, error)
-    if supervisor.manager.settings.debug_errors:
-        detail = f"{prefix}: {error}" if prefix else str(error)
-    else:
-        detail = f"{prefix}: {error.public}" if prefix else error.public
-    return Response(f"{detail} (error id {ident})\n", status=error.status)
+    return error_response(
+        error, ident, debug=supervisor.manager.settings.debug_errors, prefix=prefix
+    )

@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 
 from .._tasks import until_first_done
 from ..errors import DockyardError, error_id
-from ..http import HOP_BY_HOP, STREAM_CHUNK, Request, Response, WebSocket
+from ..http import HOP_BY_HOP, STREAM_CHUNK, Request, Response, WebSocket, error_response
 from .connections import Connections
 from .limits import GatewayLimits
 from .protocol import HttpProtocol
@@ -111,7 +111,7 @@ class Gateway:
             log.warning(
                 "%s %s -> %s (error id %s): %s", request.method, request.url, exc.status, ident, exc
             )
-            response = Response(f"{exc.public} (error id {ident})\n", status=exc.status)
+            response = error_response(exc, ident)
         except Exception:
             # The traceback is for the console; clients get no internals.
             ident = error_id()
