@@ -12,7 +12,9 @@ NAME is the database's ``database_name`` or its binding. ``--local`` is the defa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -135,16 +137,11 @@ def list_migrations(
     from . import _run
 
     def action() -> int:
-        loaded, database = _open(project, config, name, local)
-        try:
-            spec = _spec(loaded, name)
-            pending = _pending(loaded, database, spec)
-        finally:
-            database.close()
-        if not pending:
-            console.print("No migrations to apply.")
-        for path in pending:
-            console.print(Text(path.name))
+        with _migrations(project, config, name, local) as (_, _, pending):
+            if not pending:
+                console.print("No migrations to apply.")
+            for path in pending:
+                console.print(Text(path.name))
         return 0
 
     raise typer.Exit(_run(action))
@@ -161,26 +158,34 @@ def apply(
     from . import _run
 
     def action() -> int:
-        loaded, database = _open(project, config, name, local)
-        try:
-            spec = _spec(loaded, name)
-            pending = _pending(loaded, database, spec)
+        with _migrations(project, config, name, local) as (database, table, pending):
             if not pending:
                 console.print("No migrations to apply.")
             for path in pending:
-                apply_migration(database, path, spec.migrations_table)
+                apply_migration(database, path, table)
                 console.print(Text(f"applied {path.name}"))
-        finally:
-            database.close()
         return 0
 
     raise typer.Exit(_run(action))
 
 
-def _pending(loaded: Any, database: Any, spec: Any) -> list[Path]:
-    """The migration files of ``spec`` not yet applied to ``database``, in name order."""
-    folder = loaded.config_path.parent / spec.migrations_dir
-    return pending_migrations(database, folder, spec.migrations_table)
+@contextlib.contextmanager
+def _migrations(
+    project: Path, config: Path | None, name: str, local: bool
+) -> Iterator[tuple[D1Database, str, list[Path]]]:
+    """The open database, its migrations table and the migration files not yet applied
+    to it (in name order); the database is closed afterwards."""
+    loaded, database = _open(project, config, name, local)
+    try:
+        spec = _spec(loaded, name)
+        folder = loaded.config_path.parent / spec.migrations_dir
+        yield (
+            database,
+            spec.migrations_table,
+            pending_migrations(database, folder, spec.migrations_table),
+        )
+    finally:
+        database.close()
 
 
 def _spec(config: Config, name: str) -> Any:
