@@ -456,7 +456,9 @@ class ContainerSupervisor:
             await self._abandon()
             raise
         else:
-            await self._hook("on_start")
+            hooks = await self._attached_hooks()
+            if hooks is not None:
+                await hooks.on_start()
             return
         if not isinstance(error, EngineUnavailable):
             await self._abandon()
@@ -731,11 +733,6 @@ class ContainerSupervisor:
             with contextlib.suppress(Exception):
                 await self.manager.wake(self)
         return self._hooks
-
-    async def _hook(self, name: Literal["on_start"]) -> None:
-        hooks = await self._attached_hooks()
-        if hooks is not None:
-            await getattr(hooks, name)()
 
     def _enter(
         self, phase: Phase, exit_code: int | None = None, *, stopped_by_itself: bool = False
