@@ -23,7 +23,12 @@ import pytest_asyncio
 
 from dockyard.containers.docker import DockerRuntime
 from dockyard.containers.runtime import ContainerInfo
-from tests.support.api_project import build_api_images, remove_app, remove_test_images
+from tests.support.api_project import (
+    WORKER_HELPERS,
+    build_api_images,
+    remove_app,
+    remove_test_images,
+)
 from tests.support.devserver import DevServer
 from tests.support.engine import wait_until
 
@@ -34,30 +39,16 @@ TIMEOUT = aiohttp.ClientTimeout(total=30)
 # Routes: /rpc/<BINDING>/<name>/<method> (JSON body {"args", "kwargs"}), and
 # /cf/<BINDING>/<name>/<port>: container_fetch("/", port), an error's text as 599;
 # /random/<BINDING>: awaits get_random; /switch: what switch_port does to a request.
-WORKER = r"""
+WORKER = (
+    r"""
 import asyncio
-import dataclasses
 
 from dockyard import Container, Request, Response, get_container, get_random, switch_port
 
 
-def plain(value):
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(item) for item in value]
-    if isinstance(value, bytes):
-        return value.decode()
-    return value
-
-
-async def remember(storage, key, item):
-    items = await storage.get(key) or []
-    items.append(item)
-    await storage.put(key, items)
-
+"""
+    + WORKER_HELPERS
+    + r"""
 
 class Base(Container):
     default_port = 8080
@@ -194,6 +185,7 @@ async def fetch(request, env, ctx):
             return Response(f"{type(exc).__name__}: {exc}", status=599)
     return await stub.fetch(Request("http://container/" + "/".join(rest)))
 """
+)
 
 CLASSES = (
     "Base",

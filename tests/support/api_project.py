@@ -27,10 +27,10 @@ from tests.support.projects import IMAGES, Project
 #   /cf/<BINDING>/<name>/<port>/<path...>  stub.container_fetch("/<path>", port, ...)
 # and Base.fetch answers /exec-stream itself (exec_stream, streamed back).
 #   /rpc/<BINDING>/<name>/<method>         a method; JSON body: [args] or {"args", "kwargs"}
-WORKER = r'''
+# Helpers both test workers define: a JSON-able copy of a result, and a list kept in
+# the object's storage.
+WORKER_HELPERS = r'''
 import dataclasses
-
-from dockyard import Container, Request, Response, get_container, switch_port
 
 
 def plain(value):
@@ -50,7 +50,16 @@ async def remember(storage, key, item):
     items = await storage.get(key) or []
     items.append(item)
     await storage.put(key, items)
+'''
 
+WORKER = (
+    r"""
+from dockyard import Container, Request, Response, get_container, switch_port
+
+
+"""
+    + WORKER_HELPERS
+    + r"""
 
 class Base(Container):
     default_port = 8080
@@ -181,7 +190,8 @@ async def fetch(request, env, ctx):
     if kind == "hdr":
         forwarded.headers[rest[0]] = rest[1]
     return await stub.fetch(forwarded)
-'''
+"""
+)
 
 CLASSES = (
     "Base",
