@@ -22,6 +22,7 @@ import asyncio
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, ClassVar, Literal
@@ -471,7 +472,16 @@ def _supervisor(instance: Container) -> ContainerSupervisor:
 
 
 def _schedules(instance: Container) -> ScheduleTable:
-    return ScheduleTable(instance.ctx.storage)
+    """The object's schedule table, set up once per storage (not once per call)."""
+    storage = instance.ctx.storage
+    table = _TABLES.get(storage)
+    if table is None:
+        table = _TABLES[storage] = ScheduleTable(storage)
+    return table
+
+
+# Kept beside, not on, the user's instance or storage: neither namespace is ours.
+_TABLES: weakref.WeakKeyDictionary[Any, ScheduleTable] = weakref.WeakKeyDictionary()
 
 
 def _options(cls: type[Container], supervisor: ContainerSupervisor) -> ContainerOptions:
