@@ -326,9 +326,18 @@ class AssetsConfig(_Model):
     run_worker_first: Annotated[bool | list[str], PlainValidator(_run_worker_first)] = False
 
 
+class Route(_Model):
+    """A wrangler route: on a node, requests whose Host is the pattern's host reach the app."""
+
+    pattern: NonEmptyStr
+    custom_domain: bool = False
+    zone_name: str | None = None
+    zone_id: str | None = None
+
+
 class Config(_Model):
     unsupported_keys = frozenset(
-        "$schema account_id workers_dev preview_urls route routes r2_buckets "
+        "$schema account_id workers_dev preview_urls r2_buckets "
         "queues services build placement limits minify "
         "keep_vars send_metrics upload_source_maps no_bundle rules".split()
     )
@@ -353,11 +362,25 @@ class Config(_Model):
     d1_databases: list[D1Database] = []
     triggers: Triggers = Triggers()
     assets: AssetsConfig | None = None
+    route: Route | NonEmptyStr | None = None
+    routes: list[Route | NonEmptyStr] = []
     # Not read from the file: filled in by load_config.
     project_dir: Path = Field(default_factory=Path, exclude=True)
     config_path: Path = Field(default_factory=lambda: Path(CONFIG_NAMES[0]), exclude=True)
     warnings: list[str] = Field(default_factory=list, exclude=True)
     environment: str | None = Field(default=None, exclude=True)  # the env.<name> in use
+
+    def route_hosts(self) -> list[str]:
+        """The host of every route (``example.com/*`` -> ``example.com``), as a node
+        routes them; patterns with a wildcard in the host are left out."""
+        hosts = []
+        for route in [*([self.route] if self.route is not None else []), *self.routes]:
+            pattern = route.pattern if isinstance(route, Route) else route
+            host = pattern.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
+            if host and "*" not in host and host not in hosts:
+                hosts.append(host)
+        return hosts
+
     secrets: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,11 +42,22 @@ class App:
         config_path: Path | str | None = None,
         settings: Settings | None = None,
         runtime: ContainerRuntime | None = None,
+        owner: str | None = None,
+        image_overrides: Mapping[str, str] | None = None,
+        vars: Mapping[str, Any] | None = None,
+        secrets: Mapping[str, str] | None = None,
     ) -> None:
+        """``owner``, ``image_overrides``, ``vars`` and ``secrets`` are how a node runs a
+        deployed version: its containers' owner label, the pushed images by class (nothing
+        is built), and the version's vars and decrypted secrets (instead of the config's
+        vars and ``.dev.vars``)."""
         self.settings = settings or Settings()
         self.project_dir = Path(project_dir).resolve()
         self.config: Config = load_config(self.project_dir, config_path)
         self.state_dir = (self.settings.state_dir or self.project_dir / ".dockyard").resolve()
+        self._owner = owner
+        self._vars = dict(vars) if vars is not None else None
+        self._secrets = dict(secrets) if secrets is not None else None
         objects = self.settings.objects
         self.host = ObjectHost(
             self.state_dir,
@@ -56,17 +67,7 @@ class App:
         )
         # KV, D1, static assets and cron triggers (dockyard.bindings).
         self.bindings = Bindings(self.config, self.state_dir)
-        self.env = Env(
-            bindings={
-                **{
-                    binding.name: self.host.namespace(binding.class_name)
-                    for binding in self.config.durable_objects.bindings
-                },
-                **self.bindings.env,
-            },
-            vars=self.config.vars,
-            secrets=self.config.secrets,
-        )
+        self.env = self._make_env()
         self.host.set_env(self.env)
         self.worker: Worker | None = None
         self._lock: IO[str] | None = None
@@ -79,7 +80,11 @@ class App:
 
                 runtime = DockerRuntime(request_timeout=self.settings.containers.engine_timeout)
             self.containers = ContainerManager(
-                runtime, self.config, self.settings.containers, owner=self.owner
+                runtime,
+                self.config,
+                self.settings.containers,
+                owner=self.owner,
+                images=image_overrides,
             )
             self.containers.set_waker(self._wake)
             for container in self.config.containers:
@@ -87,11 +92,24 @@ class App:
                     container.class_name, self._supervisor_factory(container.class_name)
                 )
 
+    def _make_env(self) -> Env:
+        return Env(
+            bindings={
+                **{
+                    binding.name: self.host.namespace(binding.class_name)
+                    for binding in self.config.durable_objects.bindings
+                },
+                **self.bindings.env,
+            },
+            vars=self.config.vars if self._vars is None else self._vars,
+            secrets=self.config.secrets if self._secrets is None else self._secrets,
+        )
+
     @property
     def owner(self) -> str:
         """Who owns this app's containers on the engine (see ``labels.dev_owner``): two
         projects with the same app name never adopt or remove each other's containers."""
-        return labels.dev_owner(self.state_dir)
+        return self._owner or labels.dev_owner(self.state_dir)
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -110,7 +128,9 @@ class App:
             # Builds images, then re-adopts containers a previous run left running.
             await self.containers.start()
 
-    async def stop(self) -> None:
+    async def stop(self, *, leave_containers: bool = False) -> None:
+        """End everything the app started. With ``leave_containers`` (a node's app process
+        handing over to the next), containers keep running for the next one to adopt."""
         if not self._started:
             return  # start() never got the state folder: nothing here is ours to stop
         self._started = False
@@ -123,7 +143,7 @@ class App:
             await asyncio.gather(*pending, return_exceptions=True)
         if self.containers is not None:
             # Containers first, while their objects are alive to record how they ended.
-            await self.containers.stop()
+            await self.containers.stop(leave_running=leave_containers)
             await self.containers.runtime.aclose()
         # After wait_until work (it may still use KV or D1), before the objects go.
         await self.bindings.stop()
@@ -209,6 +229,74 @@ class App:
             return False
         return True
 
+    async def reload_version(
+        self,
+        project_dir: Path | str,
+        *,
+        image_overrides: Mapping[str, str],
+        vars: Mapping[str, Any],
+        secrets: Mapping[str, str],
+    ) -> bool:
+        """Switch this running app to another deployed version, in place: new worker
+        code, images for the next starts, vars and secrets. Objects restart on the new code
+        at their next request once their calls in flight finish (as after a dev reload);
+        running containers stay until a rollout replaces them.
+
+        False (and nothing changed) when the new version differs in shape (bindings,
+        container classes, assets, cron triggers): that needs a new process.
+        """
+        # A rare control call: reading the new version's config blocks briefly, as a dev
+        # reload's import does.
+        new_dir = Path(project_dir).resolve()  # noqa: ASYNC240
+        config = load_config(new_dir)
+        if _shape(config) != _shape(self.config):
+            return False
+        old_dir = self.project_dir
+        self.project_dir, self.config = new_dir, config
+        self._vars, self._secrets = dict(vars), dict(secrets)
+        try:
+            _forget_modules(old_dir)
+            self._load_worker()
+        except WorkerError:
+            self.project_dir = old_dir
+            raise
+        self.env = self._make_env()
+        self.host.set_env(self.env)
+        if self.containers is not None:
+            for container in config.containers:
+                self.containers.classes[container.class_name].config = container
+            await self.containers.set_images(image_overrides)
+        return True
+
+    def instances(self) -> list[dict[str, Any]]:
+        """Every object's container this process supervises, for the node (rollouts,
+        listings)."""
+        if self.containers is None:
+            return []
+        return [
+            {
+                "class_name": s.class_name,
+                "object_id": s.object_id,
+                "name": s.object_name,
+                "phase": s.phase.value,
+                "container_id": s.info.id if s.info is not None else None,
+                "image": s.info.image if s.info is not None else None,
+                "idle_seconds": s.idle_seconds(),
+                "inflight": s.inflight,
+            }
+            for s in self.containers.supervisors()
+        ]
+
+    async def replace(self, class_name: str, object_id: str) -> bool:
+        """A rollout step: restart this object's container on its class's current image
+        (see ``ContainerSupervisor.replace``). False when it had no container running."""
+        if self.containers is None:
+            return False
+        for supervisor in self.containers.supervisors():
+            if supervisor.class_name == class_name and supervisor.object_id == object_id:
+                return await supervisor.replace(grace=self.settings.containers.stop_grace)
+        return False
+
     def _load_worker(self) -> None:
         worker = load_worker(self.config.main_path, self.project_dir, self.state_dir)
         for binding in self.config.durable_objects.bindings:
@@ -220,3 +308,32 @@ class App:
                 )
             self.host.set_class(binding.class_name, cls)
         self.worker = worker
+
+
+def _shape(config: Config) -> tuple[Any, ...]:
+    """What a running app process is built around; a version that changes it needs a new
+    process (see ``App.reload_version``)."""
+    return (
+        config.name,
+        tuple((b.name, b.class_name) for b in config.durable_objects.bindings),
+        tuple(c.class_name for c in config.containers),
+        # Static assets are served from the version's own folder: a new process.
+        str(config.config_path.parent) if config.assets is not None else None,
+        repr(getattr(config, "kv_namespaces", None)),
+        repr(getattr(config, "d1_databases", None)),
+        repr(getattr(config, "triggers", None)),
+    )
+
+
+def _forget_modules(project_dir: Path) -> None:
+    """Drop the modules a previous version imported from its own folder, and the folder
+    from the import path, so the next version's modules of the same names load fresh."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve().is_relative_to(project_dir):
+            del sys.modules[name]
+    for entry in list(sys.path):
+        if entry and Path(entry).resolve().is_relative_to(project_dir):
+            sys.path.remove(entry)

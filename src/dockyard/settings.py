@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .gateway.limits import GatewayLimits
 
-__all__ = ["ContainerSettings", "GatewayLimits", "ObjectSettings", "Settings"]
+__all__ = ["ContainerSettings", "GatewayLimits", "NodeSettings", "ObjectSettings", "Settings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +66,34 @@ class Settings:
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """What ``dockyard serve`` runs with: its listeners, folders and the platform's limits."""
+
+    data_dir: Path
+    # Application traffic, routed by Host; and the control plane (API, registry).
+    listen: tuple[str, int] = ("127.0.0.1", 8787)
+    admin: tuple[str, int] = ("127.0.0.1", 8788)
+    # Apps answer at <name>.<domain>, as on workers.dev.
+    domain: str = "localhost"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    # A bundle upload larger than this is refused (413).
+    max_upload_bytes: int = 512 * 1024 * 1024
+    # A deploy that neither finishes nor aborts frees its app after this many seconds.
+    deploy_lock_ttl: float = 900.0
+    # SIGTERM: how long app processes get to finish requests in flight.
+    drain_grace: float = 30.0
+    # Platform stops of containers on a node (sleep, rollout): SIGTERM, SIGKILL after this.
+    # Cloudflare waits 15 minutes; 30 s keeps a rollout of many instances moving while
+    # giving a web server time to finish its requests. Per class: stop_timeout.
+    container_stop_grace: float = 30.0
+    # A crashed app process is restarted after this, doubling up to the maximum.
+    restart_initial: float = 0.5
+    restart_max: float = 30.0
+    # Run each app's process as its own uid when the node runs as root.
+    separate_users: bool = True

@@ -72,6 +72,7 @@ class ContainerManager:
         *,
         owner: str,
         on_build_output: Callable[[str], None] | None = None,
+        images: Mapping[str, str] | None = None,
     ) -> None:
         self.runtime = runtime
         self.app = config.name
@@ -93,6 +94,10 @@ class ContainerManager:
         self._unsure: set[tuple[str, str]] = set()
         # Containers the platform itself stopped (at exit), so their end reads as a stop.
         self.platform_stops: set[str] = set()
+        # On a node, images come built and pushed by `dockyard deploy` (class -> run
+        # reference by digest), nothing is built here, and a container of an earlier
+        # version is adopted as it is: a rollout, not a restart, replaces it.
+        self._images = dict(images) if images is not None else None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -167,9 +172,24 @@ class ContainerManager:
                 cpus,
             )
 
+    async def set_images(self, images: Mapping[str, str]) -> None:
+        """A new version on a node: starts from now on use these images (by class)."""
+        self._images = dict(images)
+        for name, entry in self.classes.items():
+            entry.error = None
+            await self._prepare_image(name, entry)
+
     async def _prepare_image(self, name: str, entry: ClassImage) -> None:
         c = entry.config
         try:
+            if self._images is not None:
+                ref = self._images.get(name)
+                if ref is None:
+                    raise ImageError(f"the deployed version has no image for class {name!r}")
+                entry.image = ref
+                if isinstance(self.runtime, ImagePorts):
+                    entry.exposed_ports = await self.runtime.exposed_ports(ref)
+                return
             entry.image = await ensure_image(
                 self.runtime,
                 app=self.app,
@@ -202,7 +222,7 @@ class ContainerManager:
                 entry is not None
                 and entry.image is not None
                 and info.status in ("running", "paused")
-                and info.labels.get(labels.VERSION) == entry.version
+                and (self._images is not None or info.labels.get(labels.VERSION) == entry.version)
             )
             if current:
                 key = (info.labels[labels.CLASS], info.labels.get(labels.OBJECT, ""))
@@ -230,9 +250,23 @@ class ContainerManager:
             # The instance attaches and arms the sleep timer with its class's settings.
             await self.wake(supervisor)
 
-    async def stop(self) -> None:
-        """Stop every container of this app (SIGTERM, then SIGKILL after the grace period)."""
+    async def stop(self, *, leave_running: bool = False) -> None:
+        """Stop every container of this app (SIGTERM, then SIGKILL after the grace period).
+
+        With ``leave_running`` (an app process on a node handing over to its next one),
+        containers keep running for the next process to adopt; only this process's
+        watching of them ends.
+        """
         self._stopping = True
+        if leave_running:
+            supervisors = self.supervisors()
+            await asyncio.gather(*(s.let_go() for s in supervisors), return_exceptions=True)
+            self._supervisors.clear()
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+            self._upstream.close()
+            return
         supervisors = self.supervisors()
         running = [s for s in supervisors if s.info is not None]
         if running:

@@ -168,6 +168,7 @@ class ContainerSupervisor:
         self._persist: Callable[[dict[str, Any]], None] | None = None
         self._inflight = 0
         self._deadline = 0.0
+        self.last_active = asyncio.get_running_loop().time()
         self._timer: asyncio.TimerHandle | None = None
         # Deadlines are in the loop's clock, so timers and checks agree.
         self._loop = asyncio.get_running_loop()
@@ -181,6 +182,11 @@ class ContainerSupervisor:
         self._stopped.set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        # Set except while a rollout replaces the container: requests wait at the gate.
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._gated = 0
+        self._drained = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"container {self.class_name}({self.object_name or self.object_id[:12]})"
@@ -228,6 +234,14 @@ class ContainerSupervisor:
         return self.phase is not Phase.STOPPED or self._inflight > 0 or bool(self._tasks)
 
     @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def idle_seconds(self) -> float:
+        """Seconds since the last request, response body or WebSocket frame."""
+        return 0.0 if self._inflight else self._loop.time() - self.last_active
+
+    @property
     def state(self) -> State:
         return self._state
 
@@ -241,6 +255,8 @@ class ContainerSupervisor:
     def _lease_released(self) -> None:
         self._inflight -= 1
         self.renew()
+        if self._inflight <= self._gated:
+            self._drained.set()
         if self._inflight == 0:
             with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter exit)
                 self._arm_timer()
@@ -248,11 +264,14 @@ class ContainerSupervisor:
 
     def renew(self) -> None:
         """Push the sleep deadline to ``sleep_after`` from now."""
+        self.last_active = self._loop.time()
         if self.options is not None:
-            self._deadline = self._loop.time() + self.options.sleep_after
+            self._deadline = self.last_active + self.options.sleep_after
 
     async def ready(self, port: int) -> int:
         """Start the container if needed, wait until ``port`` answers; its host port."""
+        if not self._gate.is_set():
+            await self._wait_at_gate()
         while True:
             phase = self.phase
             if phase is Phase.HEALTHY and port in self._ready_ports:
@@ -357,6 +376,39 @@ class ContainerSupervisor:
             await self.manager.runtime.kill(info.id)
         await self._stopped.wait()
 
+    async def replace(self, *, grace: float) -> bool:
+        """A rollout step for this object: let the requests in flight finish (new ones
+        wait), stop the container (SIGTERM, SIGKILL after ``grace``) and start it again
+        right away on the class's current image; the waiting requests then go to the new
+        one, so none fails. False when no container ran (the next start takes the new
+        image anyway)."""
+        await self._let_start_finish()
+        if self.info is None or self.phase is Phase.UNKNOWN or not self._gate.is_set():
+            return False
+        self._gate.clear()
+        try:
+            if self._inflight > self._gated:
+                self._drained.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drained.wait(), grace)
+            await self.stop(15, reason="rollout", grace=grace)
+            assert self.options is not None
+            # Not through ready(): that would wait at the gate this holds.
+            ports = list(self.options.ports_to_check)
+            await asyncio.shield(self._begin_start(ports, StartOverrides()))
+        finally:
+            self._gate.set()
+        return True
+
+    async def _wait_at_gate(self) -> None:
+        self._gated += 1
+        if self._inflight <= self._gated:
+            self._drained.set()
+        try:
+            await self._gate.wait()
+        finally:
+            self._gated -= 1
+
     async def pause(self) -> None:
         """Freeze the running container; the next request (or ``start``) thaws it."""
         await self._let_start_finish()
@@ -387,6 +439,20 @@ class ContainerSupervisor:
             self._enter(Phase.HEALTHY)
         self._watch()
         log.info("%s adopted running container %s", self, info.name)
+
+    async def let_go(self) -> None:
+        """Stop watching the container but leave it running (the next process of this
+        app on the node adopts it)."""
+        self._closed = True
+        self._cancel_timer()
+        tasks = [*self._tasks, *self._probes.values()]
+        if self._start_task is not None:
+            tasks.append(self._start_task)
+        if self._monitor is not None:
+            tasks.append(self._monitor)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def aclose(self, grace: float) -> None:
         """Platform shutdown: stop the container (SIGTERM, SIGKILL after ``grace``)."""
