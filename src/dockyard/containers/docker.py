@@ -301,6 +301,104 @@ class DockerRuntime:
         ports = (key.partition("/") for key in exposed)
         return tuple(sorted(int(port) for port, _, proto in ports if proto in ("", "tcp")))
 
+    # Registries (a node's deploys: the deploying side pushes, the node pulls by digest)
+
+    async def push(
+        self,
+        ref: str,
+        auth: Mapping[str, str] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> str:
+        """Push the local image `ref` (``registry/repo:tag``; no tag means ``latest``) and
+        return the manifest digest the registry stored (``sha256:…``).
+
+        `auth` is the engine's credential object (``{"username", "password"}``); each
+        progress message of the engine (``status``, ``id``, ``progressDetail``) goes to
+        `on_progress`. Raises `ImageError` naming the registry when it cannot be reached,
+        refuses the credentials or the push, or when the engine has no image `ref`;
+        `EngineUnavailable` when the engine itself does not answer.
+        """
+        name, tag = _split_tag(ref)
+        digest = ""
+        with self._registry_errors("push", ref):
+            chunks = self._client().images.push(
+                name, tag=tag or "latest", auth=dict(auth) if auth else None, stream=True
+            )
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                async for chunk in chunks:
+                    aux = chunk.get("aux")
+                    if isinstance(aux, dict) and str(aux.get("Digest", "")).startswith("sha256:"):
+                        digest = str(aux["Digest"])
+                    if on_progress is not None:
+                        on_progress(chunk)
+        if not digest:
+            raise ImageError(
+                f"Pushed {ref} to the registry at {_registry_of(ref)}, but the engine did not "
+                "report the manifest digest"
+            )
+        return digest
+
+    async def pull(
+        self,
+        ref: str,
+        auth: Mapping[str, str] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> str:
+        """Pull `ref` (``registry/repo@sha256:…`` as a node runs images, or ``:tag``) into
+        the engine and return the local image id.
+
+        Raises `ImageError` naming the registry when it cannot be reached, refuses the
+        credentials, or has no such image or digest; `EngineUnavailable` when the engine
+        itself does not answer.
+        """
+        with self._registry_errors("pull", ref):
+            chunks = self._client().images.pull(ref, auth=dict(auth) if auth else None, stream=True)
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                async for chunk in chunks:
+                    if on_progress is not None:
+                        on_progress(chunk)
+        found = await self.image_id(ref)
+        if found is None:
+            raise ImageError(
+                f"Pulled {ref} from the registry at {_registry_of(ref)}, but the engine "
+                "does not have it afterwards"
+            )
+        return found
+
+    @contextlib.contextmanager
+    def _registry_errors(self, verb: str, ref: str) -> Iterator[None]:
+        """`_engine_errors` for a push or pull: what the registry said becomes an
+        `ImageError` naming it; an engine that does not answer stays `EngineUnavailable`."""
+        try:
+            with self._engine_errors(f"{verb} {ref}"):
+                try:
+                    yield
+                except DockerError as exc:
+                    # 900 is aiodocker's "could not connect" to the engine: an outage.
+                    if exc.status == 900:
+                        raise
+                    raise _registry_error(verb, ref, exc.status, exc.message) from exc
+        except ValueError as exc:  # aiodocker refuses auth for a ref without a registry
+            raise ImageError(f"Could not {verb} {ref}: {exc}") from exc
+
+    async def tag(self, source: str, ref: str) -> None:
+        """Give the local image `source` (a name or an id) the name `ref`
+        (``registry/repo:tag``), as `push` needs. Raises `ImageError` when there is no
+        `source`. (Added by the deploy client, which pushes what it built.)"""
+        name, tag = _split_tag(ref)
+        async with self._short_call(f"tag {source} as {ref}", image=source):
+            await self._client().images.tag(source, name, tag=tag or "latest")
+
+    async def untag(self, ref: str) -> None:
+        """Remove the name `ref` (the image stays while another name or a container uses
+        it); a no-op when there is no such name."""
+        async with self._short_call(f"untag {ref}"):
+            try:
+                await self._client().images.delete(ref, noprune=True)
+            except DockerError as exc:
+                if exc.status not in (404, 409):  # gone already / still in use
+                    raise
+
     # Containers
 
     async def run(self, spec: ContainerSpec) -> ContainerInfo:
@@ -662,6 +760,40 @@ class DockerExecProcess:
                 if loop.time() > deadline:
                     raise ContainerError(f"exec {self._cmd[:1]} never reported an exit code")
                 await asyncio.sleep(0.01)
+
+
+def _registry_of(ref: str) -> str:
+    """The registry host of an image reference, as the engine reads it."""
+    first, slash, _ = ref.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def _split_tag(ref: str) -> tuple[str, str | None]:
+    """``registry:port/repo:tag`` -> (``registry:port/repo``, ``tag``); a digest stays."""
+    if "@" in ref:
+        return ref, None
+    head, slash, last = ref.rpartition("/")
+    name, colon, tag = last.partition(":")
+    return (f"{head}{slash}{name}", tag) if colon else (ref, None)
+
+
+def _registry_error(verb: str, ref: str, status: int, message: str) -> ImageError:
+    registry = _registry_of(ref)
+    text = message.strip()
+    lowered = text.lower()
+    if "does not exist locally" in lowered or "no such image" in lowered:
+        why = "the engine has no image by that name; build or tag it first"
+    elif re.search(r"connection refused|dial tcp|no such host|i/o timeout|\beof\b", lowered):
+        why = f"the registry at {registry} cannot be reached"
+    elif any(sign in lowered for sign in ("unauthorized", "denied", "authentication required")):
+        why = f"the registry at {registry} refused the credentials"
+    elif status == 404 or "manifest unknown" in lowered or "not found" in lowered:
+        why = f"the registry at {registry} has no such image or digest"
+    else:
+        why = f"the registry at {registry} answered with an error"
+    return ImageError(f"Could not {verb} {ref}: {why} ({text})")
 
 
 def _bridge_name(network: Mapping[str, Any]) -> str:
