@@ -154,7 +154,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             self.close()
             return
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family != socket.AF_UNIX:  # (no Nagle on unix sockets)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm_idle_timer()
 

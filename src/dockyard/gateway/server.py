@@ -4,6 +4,11 @@ Plain HTTP/1.1 is served by ``HttpProtocol`` (protocol.py); a WebSocket upgrade 
 handed with its connection to aiohttp's server, which speaks the WebSocket protocol and
 calls ``_handle_upgrade`` here. Bodies are streamed both ways; nothing here holds a
 whole request or response body.
+
+The gateway listens on TCP (``host``/``port``) or on a unix socket (``path``), and also
+serves connections accepted elsewhere: ``serve_accepted(sock, initial)`` takes a socket
+another process accepted and the bytes it already read from it (the node's router hands
+connections to an app process this way; see ``handoff.py``).
 """
 
 from __future__ import annotations
@@ -11,8 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
@@ -21,7 +30,7 @@ from ..errors import DockyardError, error_id
 from ..http import HOP_BY_HOP, STREAM_CHUNK, Request, Response, WebSocket, error_response
 from .connections import Connections
 from .limits import GatewayLimits
-from .protocol import HttpProtocol
+from .protocol import HttpProtocol, Respond, Upgrade
 
 __all__ = ["Dispatch", "Gateway", "GatewayLimits"]
 
@@ -32,7 +41,8 @@ Dispatch = Callable[[Request], Awaitable[Response]]
 
 
 class Gateway:
-    """Serves ``dispatch`` on ``host:port``; ``start()`` returns the bound port."""
+    """Serves ``dispatch`` on ``host:port``, or on the unix socket ``path`` when given;
+    ``start()`` returns the bound port (0 on a unix socket)."""
 
     def __init__(
         self,
@@ -41,11 +51,13 @@ class Gateway:
         host: str = "127.0.0.1",
         port: int = 8787,
         limits: GatewayLimits | None = None,
+        path: str | Path | None = None,
     ) -> None:
         self.dispatch = dispatch
         self.limits = limits or GatewayLimits()
         self.host = host
         self.port = port
+        self.path = Path(path) if path is not None else None
         self._server: asyncio.Server | None = None
         self._connections: Connections[HttpProtocol] = Connections(self.limits.max_connections)
         self._upgrades = web.Server(self._handle_upgrade, access_log=None)
@@ -63,6 +75,14 @@ class Gateway:
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
         self._connections.stopping = False
+        if self.path is not None:
+            _remove_stale_socket(self.path)
+            self._server = await loop.create_unix_server(
+                lambda: HttpProtocol(self.respond, self._upgrade, self._connections, self.limits),
+                str(self.path),
+                backlog=self.limits.backlog,
+            )
+            return 0
         self._server = await loop.create_server(
             lambda: HttpProtocol(self.respond, self._upgrade, self._connections, self.limits),
             self.host,
@@ -72,6 +92,29 @@ class Gateway:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
+
+    async def serve_accepted(self, sock: socket.socket, initial: bytes = b"") -> None:
+        """Serve a connection accepted elsewhere, as if this gateway had accepted it.
+
+        ``initial`` holds the bytes already read from ``sock``: they are parsed before
+        anything read from the socket. The gateway owns ``sock`` from the call on (it is
+        closed here if it cannot be served).
+        """
+        if self._server is None or self._connections.stopping:
+            sock.close()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            sock.setblocking(False)
+            await loop.connect_accepted_socket(
+                lambda: _HandedOver(
+                    self.respond, self._upgrade, self._connections, self.limits, initial
+                ),
+                sock,
+            )
+        except BaseException:
+            sock.close()  # (a no-op if the transport already owns and closed it)
+            raise
 
     async def stop(self) -> None:
         """Stop accepting, let answers in flight finish (``stop_grace``), then end the rest.
@@ -100,6 +143,9 @@ class Gateway:
         with contextlib.suppress(Exception):
             await self._server.wait_closed()
         self._server = None
+        if self.path is not None:
+            # (asyncio before 3.13 leaves the socket file behind)
+            _remove_stale_socket(self.path)
 
     async def respond(self, request: Request) -> Response:
         """Run the worker for one request; errors become responses here, never escape."""
@@ -185,6 +231,39 @@ class Gateway:
             if not ws.closed:
                 await ws.close()
         return ws
+
+
+class _HandedOver(HttpProtocol):
+    """A connection accepted by another process, with the bytes it had already read.
+
+    They are fed from ``connection_made``, which the event loop calls before any read
+    from the socket: so they are parsed first, whatever the loop does meanwhile.
+    """
+
+    def __init__(
+        self,
+        respond: Respond,
+        upgrade: Upgrade,
+        connections: Connections[HttpProtocol],
+        limits: GatewayLimits,
+        initial: bytes,
+    ) -> None:
+        super().__init__(respond, upgrade, connections, limits)
+        self._initial = initial
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        initial, self._initial = self._initial, b""
+        if initial and not transport.is_closing():
+            self.data_received(initial)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _close_code(code: int | None) -> int:
