@@ -12,6 +12,7 @@ response or a message.
     │   └── InvalidHeader              500       a header that cannot go on the wire (CR, LF, NUL)
     ├── ClientError                    400       the client broke off or garbled its request body
     │   └── RequestTimeout             408       a client sent its request body too slowly
+    ├── DeployConflict                 409       another deploy of the app holds its deploy lock
     ├── BindingError                   500       KV, D1 or assets misuse (bad key, bad SQL, ...)
     ├── ObjectError                    500       Durable Object misuse
     │   ├── InvalidObjectId            400       malformed id string
@@ -106,6 +107,13 @@ class ClientError(DockyardError):
 class RequestTimeout(ClientError):
     status = 408
     public_message = "Request Timeout: the request body was too slow"
+
+
+class DeployConflict(DockyardError):
+    """A deploy of an app while another deploy of it is still open (its lock unexpired)."""
+
+    status = 409
+    public_message = None  # names the app and when the lock expires: nothing internal
 
 
 class BindingError(DockyardError):
