@@ -501,7 +501,7 @@ async def test_readme_quick_start(lab: Lab, tmp_path: Path, busybox_image: str) 
     shutil.copytree(ROOT / "examples" / "hello", project, ignore=shutil.ignore_patterns(".*"))
     config = project / "wrangler.jsonc"
     name = f"t-hello-{secrets.token_hex(4)}"
-    config.write_text(config.read_text().replace('"containers-hello-world"', json.dumps(name)))
+    config.write_text(config.read_text().replace('"hello"', json.dumps(name)))
     dockyard = str(Path(sys.executable).parent / "dockyard")
     try:
         dev = DevCommand([dockyard, "dev", str(project)], project).start()

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import DockyardError
 
@@ -83,12 +84,63 @@ def dev(
     )
 
 
+@app.command()
+def serve(
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Data folder (default /var/lib/dockyard as root, else ~/.local/share/dockyard)."
+        ),
+    ] = None,
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT for application traffic, routed by Host.")
+    ] = "127.0.0.1:8787",
+    admin: Annotated[
+        str, typer.Option(help="HOST:PORT for the control plane, registry and dashboard.")
+    ] = "127.0.0.1:8788",
+    domain: Annotated[str, typer.Option(help="Apps answer at <name>.<domain>.")] = "localhost",
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Certificate (PEM) for the application listener.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
+    admin_tls_cert: Annotated[
+        Path | None, typer.Option(help="Certificate (PEM) for the admin listener.")
+    ] = None,
+    admin_tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
+) -> None:
+    """Run a node that serves deployed apps (see `dockyard deploy`) until SIGTERM."""
+    from ..node.paths import default_data_dir
+    from ..settings import NodeSettings
+    from .serve import parse_address, run_serve
+
+    def start() -> int:
+        if (tls_cert is None) != (tls_key is None) or (admin_tls_cert is None) != (
+            admin_tls_key is None
+        ):
+            raise DockyardError("--tls-cert and --tls-key go together (and the admin pair too)")
+        settings = NodeSettings(
+            data_dir=(data or default_data_dir()).resolve(),
+            listen=parse_address(listen, "--listen"),
+            admin=parse_address(admin, "--admin"),
+            domain=domain.lower().strip("."),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            admin_tls_cert=admin_tls_cert,
+            admin_tls_key=admin_tls_key,
+        )
+        return run_serve(settings)
+
+    raise typer.Exit(_run(start))
+
+
 def _run(action: Callable[[], int]) -> int:
     """The CLI's one error handler: a DockyardError becomes a message and an exit code."""
     try:
         return action()
     except DockyardError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # The message is text (build output, a node's answer), never rich markup.
+        message = escape(str(exc))
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         return exc.exit_code
 
 
@@ -105,6 +157,11 @@ def _register_subcommands() -> None:
 
     app.add_typer(containers_app, name="containers")
     app.add_typer(d1_app, name="d1")
+    try:
+        from .platform import register
+    except ImportError:  # the deploy commands are being written (cli/platform.py)
+        return
+    register(app)
 
 
 _register_subcommands()

@@ -1,0 +1,466 @@
+"""`dockyard serve` and `dockyard deploy` end to end: a real node (subprocess), its real
+registry, the real engine, and the CLI as a user runs it, all on loopback.
+
+Each test deploys under an app name of its own and the node's data folder is the test's
+tmp_path, so its containers carry an owner label no other run shares; the fixture
+removes whatever that owner left on the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from dockyard.containers.docker import DockerRuntime
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKYARD = [sys.executable, "-m", "dockyard"]
+READY = re.compile(r"Ready apps on http://([\d.]+):(\d+) .* on http://([\d.]+):(\d+)")
+
+
+class Node:
+    """``dockyard serve`` on ephemeral ports with a known admin token."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.token = "dy_" + secrets.token_urlsafe(32)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.proc: subprocess.Popen[str] | None = None
+        self.app_url = ""
+        self.admin_url = ""
+
+    def start(self, timeout: float = 60.0) -> Node:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"}
+        env["DOCKYARD_ADMIN_TOKEN"] = self.token
+        self.lines = []
+        self.proc = subprocess.Popen(
+            [
+                *DOCKYARD,
+                "serve",
+                "--data",
+                str(self.data),
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        match = self.wait_for(READY, timeout)
+        self.app_url = f"http://{match.group(1)}:{match.group(2)}"
+        self.admin_url = f"http://{match.group(3)}:{match.group(4)}"
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if match := pattern.search(line):
+                        return match
+                exited = self.proc is not None and self.proc.poll() is not None
+                if time.monotonic() > deadline or exited:
+                    raise AssertionError(f"serve never printed {pattern.pattern!r}:\n{self.output}")
+                self._changed.wait(0.5)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"serve did not exit after signal {sig}:\n{self.output}") from None
+        finally:
+            self._reader.join(10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+    def cli(
+        self, *args: str, input: str | None = None, timeout: float = 300.0, token: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "COLUMNS": "300", "NO_COLOR": "1"}
+        env["DOCKYARD_SERVER"] = self.admin_url
+        env["DOCKYARD_TOKEN"] = self.token if token is None else token
+        env["XDG_CONFIG_HOME"] = str(self.data.parent / "config")
+        return subprocess.run(
+            [*DOCKYARD, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+
+    def deploy(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``dockyard deploy``, which must succeed (the node's log shows why not)."""
+        done = self.cli("deploy", *args)
+        assert done.returncode == 0, done.stdout + done.stderr + "\nnode:\n" + self.output[-5000:]
+        return done
+
+    def api(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> Any:
+        return asyncio.run(self._api(method, path, token, **kwargs))
+
+    async def _api(self, method: str, path: str, token: str | None, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.token if token is None else token}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                method, self.admin_url + "/api/v1" + path, headers=headers, **kwargs
+            ) as response,
+        ):
+            body = await response.text()
+            return response.status, (json.loads(body) if body.startswith(("{", "[")) else body)
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    # Apps run as their own uids when the node is root: the data folder must be reachable
+    # by them, which pytest's tmp_path (inside a 0700 folder) is not.
+    base = Path(tempfile.mkdtemp(prefix="dockyard-e2e-"))
+    base.chmod(0o711)
+    running = Node(base / "data").start()
+    try:
+        yield running
+    finally:
+        if running.proc is not None and running.proc.poll() is None:
+            running.stop()
+        _remove_owned(base / "data")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _remove_owned(data: Path) -> None:
+    """Whatever containers this node's owner label still has (a failed test)."""
+    import sqlite3
+
+    db = data / "node.db"
+    if not db.exists():
+        return
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("select value from meta where key = 'owner'").fetchone()
+    if row is None:
+        return
+    ids = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=dockyard.owner={row[0]}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)
+
+
+def project(
+    tmp_path: Path, text: str, *, steps: Any = 50, objects: int = 1, slow_stop: bool = False
+) -> Path:
+    """A container app: `/<n>` reaches object n's container, which answers `text`."""
+    name = f"t-{secrets.token_hex(4)}"
+    root = tmp_path / name
+    (root / "container").mkdir(parents=True)
+    (root / "container" / "index.html").write_text(text + "\n")
+    if slow_stop:
+        # Takes a second to shut down on SIGTERM, so a rollout is seen mid-way.
+        cmd = (
+            '["sh", "-c", "httpd -f -p 8080 -h /www & pid=$!; '
+            "trap 'sleep 1; kill $pid; exit 0' TERM; wait\"]"
+        )
+    else:
+        cmd = '["httpd", "-f", "-p", "8080", "-h", "/www"]'
+    (root / "container" / "Dockerfile").write_text(
+        f"FROM dockyard/busybox:latest\nCOPY index.html /www/index.html\nEXPOSE 8080\nCMD {cmd}\n"
+    )
+    (root / "worker.py").write_text(
+        "from dockyard import Container, get_container\n\n\n"
+        "class Web(Container):\n    default_port = 8080\n    sleep_after = '5m'\n\n\n"
+        "async def fetch(request, env, ctx):\n"
+        "    from urllib.parse import urlparse\n"
+        "    path = urlparse(request.url).path.strip('/')\n"
+        "    if path == 'secret':\n"
+        "        ok = getattr(env, 'API_KEY', None) == 'expected-' + 'value-42'\n"
+        "        from dockyard import Response\n"
+        "        return Response('secret ok' if ok else 'secret missing')\n"
+        "    from dockyard import Request\n"
+        "    stub = get_container(env.WEB, path or 'main')\n"
+        "    return await stub.fetch(Request('http://container/'))\n"
+    )
+    (root / "wrangler.jsonc").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "main": "worker.py",
+                "containers": [
+                    {
+                        "class_name": "Web",
+                        "image": "./container/Dockerfile",
+                        "max_instances": max(objects, 1) * 2,
+                        "rollout_step_percentage": steps,
+                    }
+                ],
+                "durable_objects": {"bindings": [{"class_name": "Web", "name": "WEB"}]},
+                "migrations": [{"new_sqlite_classes": ["Web"], "tag": "v1"}],
+            },
+            indent=2,
+        )
+    )
+    return root
+
+
+async def get(node: Node, host: str, path: str = "/") -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            node.app_url + path, headers={"Host": host}, timeout=aiohttp.ClientTimeout(total=30)
+        ) as response,
+    ):
+        return response.status, await response.text()
+
+
+def answers(node: Node, host: str, paths: list[str]) -> list[str]:
+    async def all_() -> list[str]:
+        return [(await get(node, host, p))[1].strip() for p in paths]
+
+    return asyncio.run(all_())
+
+
+class Load:
+    """A bounded steady load (about `rate` requests a second) in a thread; counts failures."""
+
+    def __init__(self, node: Node, host: str, paths: list[str], rate: float = 20.0) -> None:
+        self.node, self.host, self.paths, self.rate = node, host, paths, rate
+        self.ok = 0
+        self.failures: list[str] = []
+        self.bodies: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    async def _one(self, path: str) -> None:
+        try:
+            status, body = await get(self.node, self.host, path)
+        except Exception as exc:  # every way a request can fail counts
+            self.failures.append(f"{path}: {type(exc).__name__}: {exc}")
+            return
+        if status != 200:
+            self.failures.append(f"{path}: {status} {body[:200]}")
+        else:
+            self.ok += 1
+            self.bodies.add(body.strip())
+
+    async def _run(self) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        i = 0
+        deadline = time.monotonic() + 600  # bounded whatever happens
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            task = asyncio.create_task(self._one(self.paths[i % len(self.paths)]))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+            await asyncio.sleep(1 / self.rate)
+        await asyncio.gather(*pending)
+
+
+def owned_containers(node: Node, app: str) -> list[dict[str, Any]]:
+    async def list_() -> list[Any]:
+        async with DockerRuntime() as runtime:
+            return await runtime.list({"dockyard.app": app})
+
+    return [
+        {
+            "id": i.id,
+            "object": i.labels.get("dockyard.object_id"),
+            "image": i.image,
+            "owner": i.labels.get("dockyard.owner"),
+            "running": i.running,
+        }
+        for i in asyncio.run(list_())
+    ]
+
+
+def test_deploy_hello_and_route_by_host(node: Node, tmp_path: Path) -> None:
+    """The issue's first steps: deploy examples/hello, curl it by Host; 401s; 404."""
+    hello = tmp_path / "hello"
+    shutil.copytree(ROOT / "examples" / "hello", hello, ignore=shutil.ignore_patterns(".*"))
+    config = hello / "wrangler.jsonc"
+    name = f"t-hello-{secrets.token_hex(3)}"
+    config.write_text(config.read_text().replace('"hello"', json.dumps(name), 1))
+
+    node.deploy(str(hello))
+    assert asyncio.run(get(node, f"{name}.localhost")) == (200, "Hello World\n")
+
+    status, body = asyncio.run(get(node, "nobody.localhost"))
+    assert status == 404 and "nobody.localhost" in body
+    assert node.api("GET", "/apps", token="")[0] == 401
+    assert node.api("GET", "/apps", token="dy_wrong")[0] == 401
+    status, apps = node.api("GET", "/apps")
+    assert status == 200 and name in json.dumps(apps)
+
+
+def test_rollout_under_load_then_rollback(node: Node, tmp_path: Path) -> None:
+    """Deploy v1 over 4 objects, deploy v2 under a steady load: every instance replaced in
+    its steps, no failed request; rollback brings v1 back the same way."""
+    paths = [f"/o{i}" for i in range(4)]
+    root = project(tmp_path, "v1", steps=[50, 100], objects=4)
+    name = root.name
+    host = f"{name}.localhost"
+    node.deploy(str(root))
+    assert answers(node, host, paths) == ["v1"] * 4
+    v1_ids = {c["id"] for c in owned_containers(node, name)}
+    assert len(v1_ids) == 4
+
+    (root / "container" / "index.html").write_text("v2\n")
+    with Load(node, host, paths) as load:
+        node.deploy(str(root), "--containers-rollout", "gradual")
+        _wait_rollout(node, name)
+        time.sleep(1)  # a little load after the rollout, too
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > 20 and {"v1", "v2"} <= load.bodies
+    assert answers(node, host, paths) == ["v2"] * 4
+    after = owned_containers(node, name)
+    assert len(after) == 4 and not ({c["id"] for c in after} & v1_ids)
+    assert len({c["object"] for c in after}) == 4
+    status, rollout = node.api("GET", f"/apps/{name}/rollout")
+    assert status == 200 and rollout["state"] == "done" and len(rollout["replaced"]) == 4
+
+    back = node.cli("rollback", "--app", name, "1")
+    assert back.returncode == 0, back.stdout + back.stderr
+    _wait_rollout(node, name)
+    assert answers(node, host, paths) == ["v1"] * 4
+
+
+def test_broken_build_changes_nothing_and_racing_deploy_gets_409(
+    node: Node, tmp_path: Path
+) -> None:
+    root = project(tmp_path, "good")
+    name = root.name
+    node.deploy(str(root))
+    status, versions = node.api("GET", f"/apps/{name}/versions")
+    assert status == 200
+
+    dockerfile = root / "container" / "Dockerfile"
+    good = dockerfile.read_text()
+    dockerfile.write_text(good + "RUN exit 3\n")
+    broken = node.cli("deploy", str(root))
+    assert broken.returncode != 0
+    assert "exit 3" in broken.stdout + broken.stderr or "returned a non-zero" in (
+        broken.stdout + broken.stderr
+    )
+    assert node.api("GET", f"/apps/{name}/versions") == (status, versions)
+    assert answers(node, f"{name}.localhost", ["/"]) == ["good"]
+
+    # A deploy in progress (begun through the API) makes a second one fail with 409.
+    dockerfile.write_text(good)
+    status, begun = node.api("POST", f"/apps/{name}/deploys", json={})
+    assert status == 201, begun
+    racing = node.cli("deploy", str(root))
+    assert racing.returncode != 0
+    assert "in progress" in racing.stdout + racing.stderr
+    assert node.api("DELETE", f"/apps/{name}/deploys/{begun['deploy_id']}")[0] in (200, 204)
+
+
+def test_secret_reaches_worker_and_container_but_no_output(node: Node, tmp_path: Path) -> None:
+    root = project(tmp_path, "s")
+    name = root.name
+    value = "expected-" + "value-42"
+    node.deploy(str(root))
+    put = node.cli("secret", "put", "API_KEY", "--app", name, input=value + "\n")
+    assert put.returncode == 0, put.stdout + put.stderr
+    assert answers(node, f"{name}.localhost", ["/secret"]) == ["secret ok"]
+
+    listed = node.cli("secret", "list", "--app", name, "--json")
+    assert "API_KEY" in listed.stdout
+    outputs = [put.stdout, put.stderr, listed.stdout, node.output]
+    for path in ("/apps", f"/apps/{name}", f"/apps/{name}/versions", f"/apps/{name}/secrets"):
+        outputs.append(json.dumps(node.api("GET", path)[1]))
+    assert not any(value in text for text in outputs)
+
+
+def test_sigkill_mid_rollout_resumes_without_orphans(node: Node, tmp_path: Path) -> None:
+    paths = [f"/o{i}" for i in range(4)]
+    root = project(tmp_path, "v1", steps=25, objects=4, slow_stop=True)
+    name = root.name
+    host = f"{name}.localhost"
+    node.deploy(str(root))
+    assert answers(node, host, paths) == ["v1"] * 4
+
+    (root / "container" / "index.html").write_text("v2\n")
+    deploy = subprocess.Popen(
+        [*DOCKYARD, "deploy", str(root)],
+        env={**os.environ, "DOCKYARD_SERVER": node.admin_url, "DOCKYARD_TOKEN": node.token},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status, rollout = node.api("GET", f"/apps/{name}/rollout")
+        if status == 200 and isinstance(rollout, dict) and len(rollout["replaced"]) >= 1:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the rollout never started:\n{node.output}")
+    node.stop(signal.SIGKILL)
+    deploy.kill()
+    deploy.wait()
+
+    node.start()
+    _wait_rollout(node, name)
+    assert answers(node, host, paths) == ["v2"] * 4
+    found = owned_containers(node, name)
+    assert len(found) == 4, found
+    assert len({c["object"] for c in found}) == 4
+
+
+def _wait_rollout(node: Node, app: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, rollout = node.api("GET", f"/apps/{app}/rollout")
+        if status == 200 and (not rollout or rollout.get("state") in ("done", "failed")):
+            assert not rollout or rollout["state"] == "done", rollout
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"rollout of {app} did not finish:\n{node.output[-3000:]}")
