@@ -340,6 +340,20 @@ def test_deploy_hello_and_route_by_host(node: Node, tmp_path: Path) -> None:
     status, apps = node.api("GET", "/apps")
     assert status == 200 and name in json.dumps(apps)
 
+    # Remote operations on what the node runs for the app.
+    listed = node.cli("containers", "list", "--app", name, "--json")
+    assert listed.returncode == 0, listed.stderr
+    (container,) = json.loads(listed.stdout)
+    ref = container["id"][:12]
+    ran = node.cli("containers", "exec", ref, "--app", name, "--", "cat", "/www/index.html")
+    assert (ran.returncode, ran.stdout) == (0, "Hello World\n"), ran.stderr
+    logs = node.cli("containers", "logs", ref, "--app", name)
+    assert logs.returncode == 0 and "response:200" in logs.stdout, logs.stderr
+    stopped = node.cli("containers", "stop", ref, "--app", name)
+    assert stopped.returncode == 0, stopped.stderr
+    # The next request starts a fresh container.
+    assert asyncio.run(get(node, f"{name}.localhost")) == (200, "Hello World\n")
+
 
 def test_rollout_under_load_then_rollback(node: Node, tmp_path: Path) -> None:
     """Deploy v1 over 4 objects, deploy v2 under a steady load: every instance replaced in

@@ -1,4 +1,5 @@
-"""``dockyard containers ...``: what the dev app runs, read from the engine by label."""
+"""``dockyard containers ...``: what the dev app runs, read from the engine by label; with
+``--server`` (or ``DOCKYARD_SERVER``), what a node runs for an app, through its API."""
 
 from __future__ import annotations
 
@@ -21,13 +22,42 @@ from ..containers.docker import DockerRuntime
 from ..containers.runtime import ContainerInfo
 from ..errors import ContainerError
 
-app = typer.Typer(help="List and operate the containers of a running `dockyard dev`.")
+app = typer.Typer(
+    help="List and operate the containers of a running `dockyard dev`, or of an app on a node "
+    "(--server)."
+)
 console = Console()
 T = TypeVar("T")
 
 ProjectOption = Annotated[
     Path, typer.Option("--project", "-p", help="Project folder with the wrangler config.")
 ]
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server", help="A node's admin URL (or DOCKYARD_SERVER): its containers, not dev's."
+    ),
+]
+AppOption = Annotated[
+    str | None,
+    typer.Option("--app", "-a", help="App on the node (default: the project's name)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _remote(server: str | None) -> Any:
+    """The node's client when one is named by --server or DOCKYARD_SERVER, else None."""
+    import os
+
+    if server is None and not os.environ.get("DOCKYARD_SERVER"):
+        return None
+    from .remote import remote_client
+
+    return remote_client(server)
+
+
+def _remote_app(app_name: str | None, project: Path) -> str:
+    return app_name or _app_name(project)
 
 
 def _app_name(project: Path) -> str:
@@ -109,8 +139,19 @@ def _age(when: datetime | None) -> str:
 
 
 @app.command("list")
-def list_(project: ProjectOption = Path(".")) -> None:
+def list_(
+    project: ProjectOption = Path("."),
+    server: ServerOption = None,
+    app_name: AppOption = None,
+    as_json: JsonOption = False,
+) -> None:
     """Containers of the app, with their object, state and ports."""
+    if (client := _remote(server)) is not None:
+        from .remote import remote_containers_list
+
+        raise typer.Exit(
+            remote_containers_list(client, _remote_app(app_name, project), as_json=as_json)
+        )
 
     async def action(runtime: DockerRuntime, selector: dict[str, str]) -> list[ContainerInfo]:
         return await runtime.list(selector)
@@ -134,8 +175,20 @@ def list_(project: ProjectOption = Path(".")) -> None:
 
 
 @app.command()
-def info(ref: str, project: ProjectOption = Path(".")) -> None:
+def info(
+    ref: str,
+    project: ProjectOption = Path("."),
+    server: ServerOption = None,
+    app_name: AppOption = None,
+    as_json: JsonOption = False,
+) -> None:
     """Details of one container."""
+    if (client := _remote(server)) is not None:
+        from .remote import remote_containers_info
+
+        raise typer.Exit(
+            remote_containers_info(client, _remote_app(app_name, project), ref, as_json=as_json)
+        )
 
     async def action(runtime: DockerRuntime, selector: dict[str, str]) -> ContainerInfo:
         return await _find(runtime, selector, ref)
@@ -164,8 +217,18 @@ def logs(
     project: ProjectOption = Path("."),
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
     tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
+    server: ServerOption = None,
+    app_name: AppOption = None,
 ) -> None:
     """Print a container's output (stdout and stderr)."""
+    if (client := _remote(server)) is not None:
+        from .remote import remote_containers_logs
+
+        raise typer.Exit(
+            remote_containers_logs(
+                client, _remote_app(app_name, project), ref, follow=follow, tail=tail
+            )
+        )
 
     tty = sys.stdout.isatty()
 
@@ -183,8 +246,16 @@ def exec(
     ref: str,
     command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
     project: ProjectOption = Path("."),
+    server: ServerOption = None,
+    app_name: AppOption = None,
 ) -> None:
     """Run a command in a running container and print its output."""
+    if (client := _remote(server)) is not None:
+        from .remote import remote_containers_exec
+
+        raise typer.Exit(
+            remote_containers_exec(client, _remote_app(app_name, project), ref, command)
+        )
 
     async def action(runtime: DockerRuntime, selector: dict[str, str]) -> int:
         found = await _find(runtime, selector, ref)
@@ -201,8 +272,14 @@ def stop(
     ref: str,
     project: ProjectOption = Path("."),
     grace: Annotated[float, typer.Option(help="Seconds before SIGKILL.")] = 10.0,
+    server: ServerOption = None,
+    app_name: AppOption = None,
 ) -> None:
     """Stop a container (SIGTERM, then SIGKILL after the grace period)."""
+    if (client := _remote(server)) is not None:
+        from .remote import remote_containers_stop
+
+        raise typer.Exit(remote_containers_stop(client, _remote_app(app_name, project), ref))
 
     async def action(runtime: DockerRuntime, selector: dict[str, str]) -> str:
         found = await _find(runtime, selector, ref)
