@@ -210,10 +210,18 @@ def project(
     )
     (root / "worker.py").write_text(
         "from dockyard import Container, get_container\n\n\n"
-        "class Web(Container):\n    default_port = 8080\n    sleep_after = '5m'\n\n\n"
+        "class Web(Container):\n    default_port = 8080\n    sleep_after = '5m'\n\n"
+        "    async def start_with_secret(self):\n"
+        "        # Cloudflare's way to hand a secret to the container: start options.\n"
+        "        options = {'envVars': {'API_KEY': self.env.API_KEY}}\n"
+        "        await self.start_and_wait_for_ports(8080, start_options=options)\n"
+        "        return 'started'\n\n\n"
         "async def fetch(request, env, ctx):\n"
         "    from urllib.parse import urlparse\n"
         "    path = urlparse(request.url).path.strip('/')\n"
+        "    if path == 'secret-container':\n"
+        "        from dockyard import Response\n"
+        "        return Response(await get_container(env.WEB, 'sc').start_with_secret())\n"
         "    if path == 'secret':\n"
         "        ok = getattr(env, 'API_KEY', None) == 'expected-' + 'value-42'\n"
         "        from dockyard import Response\n"
@@ -426,6 +434,21 @@ def test_secret_reaches_worker_and_container_but_no_output(node: Node, tmp_path:
     assert put.returncode == 0, put.stdout + put.stderr
     assert answers(node, f"{name}.localhost", ["/secret"]) == ["secret ok"]
 
+    assert answers(node, f"{name}.localhost", ["/secret-container"]) == ["started"]
+    found = [c for c in owned_containers(node, name) if c["running"]]
+    assert len(found) == 1
+    check = node.cli(
+        "containers",
+        "exec",
+        found[0]["id"][:12],
+        "--app",
+        name,
+        "--",
+        "sh",
+        "-c",
+        f'[ "$API_KEY" = "{value}" ] && echo has-the-secret',
+    )
+    assert check.stdout == "has-the-secret\n", check.stderr
     listed = node.cli("secret", "list", "--app", name, "--json")
     assert "API_KEY" in listed.stdout
     outputs = [put.stdout, put.stderr, listed.stdout, node.output]
