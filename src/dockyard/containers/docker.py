@@ -29,6 +29,7 @@ import aiohttp
 from aiodocker.exceptions import DockerError, DockerStreamError
 from aiodocker.stream import Stream
 
+from dockyard._closing import AsyncClosing
 from dockyard.containers import egress
 from dockyard.containers.images import context_archive
 from dockyard.containers.runtime import (
@@ -60,7 +61,7 @@ log = logging.getLogger("dockyard.containers")
 _BUILD_TAIL_LINES = 20
 
 
-class DockerRuntime:
+class DockerRuntime(AsyncClosing):
     """A `ContainerRuntime` talking to the engine at `url`, else `DOCKER_HOST`, else the
     default socket.
 
@@ -99,17 +100,6 @@ class DockerRuntime:
             internet_isolation=True,
             egress_firewall=self._egress_firewall,
         )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         if self._docker is not None:

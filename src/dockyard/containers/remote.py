@@ -52,6 +52,8 @@ from dockyard.errors import (
     StartFailed,
 )
 
+from .._closing import AsyncClosing
+
 __all__ = ["RemoteExecProcess", "RemoteRuntime"]
 
 # A backstop against a node that accepts a call and never answers. The node bounds each
@@ -103,7 +105,7 @@ def exec_result_body(result: ExecResult) -> dict[str, Any]:
     }
 
 
-class RemoteRuntime:
+class RemoteRuntime(AsyncClosing):
     """A `ContainerRuntime` (with `ImagePorts`) whose engine is the node behind
     `socket_path`. Images are never built here: `build_image` raises `ImageError`."""
 
@@ -119,17 +121,6 @@ class RemoteRuntime:
     @property
     def capabilities(self) -> RuntimeCapabilities:
         return self._capabilities
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -20,12 +20,14 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 
 from dockyard.errors import DockyardError
+
+from .._closing import AsyncClosing
 
 __all__ = [
     "Credentials",
@@ -150,7 +152,7 @@ def resolve_credentials(
 # -- the client -----------------------------------------------------------------------------
 
 
-class NodeClient:
+class NodeClient(AsyncClosing):
     """An async client for one node. Use as `async with NodeClient(server, token) as c:`."""
 
     def __init__(self, server: str, token: str) -> None:
@@ -162,17 +164,6 @@ class NodeClient:
     def token(self) -> str:
         """The bearer token (the registry takes it as the password too)."""
         return self._token
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         if self._session is not None:

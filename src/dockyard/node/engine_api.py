@@ -34,8 +34,7 @@ import os
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -62,6 +61,8 @@ from dockyard.containers.runtime import (
     ImagePorts,
 )
 from dockyard.errors import ContainerError, ContainerGone, ImageError, StartFailed
+
+from .._closing import AsyncClosing
 
 __all__ = ["EngineApi"]
 
@@ -153,7 +154,7 @@ class _Served:
     socket_path: Path
 
 
-class EngineApi:
+class EngineApi(AsyncClosing):
     """Serves each app's engine socket over one `runtime`, for the node `owner`."""
 
     def __init__(self, runtime: ContainerRuntime, owner: str) -> None:
@@ -161,17 +162,6 @@ class EngineApi:
         self.owner = owner
         self._served: dict[str, _Served] = {}
         self._host: EngineInfo | None = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def open(
         self,
