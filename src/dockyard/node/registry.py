@@ -29,7 +29,7 @@ import secrets
 import shutil
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ START_TIMEOUT = 30.0  # seconds for GET /v2/ to answer 200 after a launch
 STOP_GRACE = 10.0  # SIGTERM, then SIGKILL after this
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0  # restart delay, doubling
 STABLE_AFTER = 60.0  # a run this long resets the back-off
+PORT_WAIT = 5.0  # how long the remembered port may stay taken before the registry moves
 LOG_MAX_BYTES = 8 * 1024 * 1024  # registry.log rotates to registry.log.1 past this
 
 # What a client accepts when it asks for a manifest: single images and indexes, both formats.
@@ -115,7 +116,7 @@ class Registry:
                     "(it installs Debian's docker-registry)"
                 )
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._port = self._choose_port()
+            self._port = await self._choose_port()
             self._session = aiohttp.ClientSession(
                 auto_decompress=False,
                 skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
@@ -145,13 +146,20 @@ class Registry:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _choose_port(self) -> int:
+    async def _choose_port(self) -> int:
         remembered = self.directory / "port"
         with contextlib.suppress(OSError, ValueError):
             port = int(remembered.read_text())
-            if _port_is_free(port):
+            # The last registry may still be exiting (its node was SIGKILLed a moment ago).
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + PORT_WAIT
+            while not _port_is_free(port):
+                if loop.time() > deadline:
+                    log.warning("registry port %d is taken; the registry moves", port)
+                    break
+                await asyncio.sleep(0.05)  # polls the condition: the port comes free
+            else:
                 return port
-            log.warning("registry port %d is taken; the registry moves to a new one", port)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
@@ -219,6 +227,8 @@ class Registry:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 0.05)
             if proc.returncode is not None:
+                if self._pump is not None:
+                    await self._pump  # its last words, for the message
                 raise DockyardError(
                     f"the registry exited with {proc.returncode} on start; "
                     f"see {self.directory / 'registry.log'}: {self._log_tail()}"
@@ -244,7 +254,7 @@ class Registry:
             delay = min(delay * 2, BACKOFF_MAX)
             try:
                 await self._launch(readonly=False)
-            except DockyardError as exc:
+            except (DockyardError, OSError) as exc:
                 log.error("%s", exc)  # self._proc has ended: the loop backs off and retries
 
     async def _halt(self) -> None:
@@ -305,10 +315,11 @@ class Registry:
             await _expect(resp, 200, f"HEAD {repo}:{reference}")
             return resp.headers.get("Docker-Content-Digest")
 
-    async def catalog(self) -> list[ImageEntry]:
+    async def catalog(self, *, page_size: int = 1000) -> list[ImageEntry]:
         """Every tagged manifest, one entry per (repo, digest), sorted."""
         entries: list[ImageEntry] = []
-        for repo in await self._paged(f"http://{self.address}/v2/_catalog?n=1000", "repositories"):
+        first = f"http://{self.address}/v2/_catalog?n={page_size}"
+        for repo in await self._paged(first, "repositories"):
             by_digest: dict[str, tuple[list[str], int]] = {}
             for tag in await self._paged(self._url(repo, "tags", "list"), "tags"):
                 found = await self._manifest(repo, tag)
@@ -384,11 +395,21 @@ class Registry:
             raise InvalidArgument(f"not a repository name: {repo!r}")
         return f"http://{self.address}/v2/{repo}/{kind}/{rest}"
 
-    def _request(self, method: str, url: str, **kwargs: Any) -> Any:
-        """An ``async with`` request to the registry itself (URL already encoded)."""
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, method: str, url: str, **kwargs: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A request to the registry itself (URL already encoded); a registry that does not
+        answer (restarting, say) is a DockyardError, not aiohttp's."""
         if self._session is None:
             raise DockyardError("the registry was not started")
-        return self._session.request(method, URL(url, encoded=True), **kwargs)
+        try:
+            async with self._session.request(method, URL(url, encoded=True), **kwargs) as resp:
+                yield resp
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DockyardError(
+                f"the registry at {self.address} did not answer {method} {URL(url).path}: {exc}"
+            ) from exc
 
     async def _manifest(self, repo: str, reference: str) -> tuple[str, int] | None:
         url = self._url(repo, "manifests", reference)
@@ -412,8 +433,10 @@ class Registry:
                     return items  # a repository deleted meanwhile
                 await _expect(resp, 200, f"GET {next_url}")
                 items += (await resp.json()).get(key) or []
-                following = resp.links.get("next", {}).get("url")
-            next_url = f"http://{self.address}{following}" if following else None
+                link = resp.links.get("next")
+                following = link.get("url") if link is not None else None
+            # aiohttp resolves the registry's relative link against the request's URL.
+            next_url = str(resp.url.join(URL(str(following)))) if following else None
         return items
 
     # The proxy's upstream half
