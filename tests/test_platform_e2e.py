@@ -222,6 +222,11 @@ def project(
         "    if path == 'secret-container':\n"
         "        from dockyard import Response\n"
         "        return Response(await get_container(env.WEB, 'sc').start_with_secret())\n"
+        "    if path == 'slow':\n"
+        "        import asyncio\n"
+        "        from dockyard import Response\n"
+        "        await asyncio.sleep(2)\n"
+        "        return Response('slow done')\n"
         "    if path == 'secret':\n"
         "        ok = getattr(env, 'API_KEY', None) == 'expected-' + 'value-42'\n"
         "        from dockyard import Response\n"
@@ -501,3 +506,23 @@ def _wait_rollout(node: Node, app: str, timeout: float = 180.0) -> None:
             return
         time.sleep(0.3)
     raise AssertionError(f"rollout of {app} did not finish:\n{node.output[-3000:]}")
+
+
+def test_sigterm_drains_requests_in_flight_and_stops_containers(node: Node, tmp_path: Path) -> None:
+    root = project(tmp_path, "d")
+    name = root.name
+    host = f"{name}.localhost"
+    node.deploy(str(root))
+    assert answers(node, host, ["/o0"]) == ["d"]
+    assert len(owned_containers(node, name)) == 1
+
+    async def slow_then_sigterm() -> tuple[int, str]:
+        request = asyncio.create_task(get(node, host, "/slow"))
+        await asyncio.sleep(0.5)  # the request is in the worker's 2 s sleep
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGTERM)
+        return await request
+
+    assert asyncio.run(slow_then_sigterm()) == (200, "slow done")
+    assert node.stop() == 0
+    assert owned_containers(node, name) == []
