@@ -251,14 +251,15 @@ class App:
         config = load_config(new_dir)
         if _shape(config) != _shape(self.config):
             return False
-        old_dir = self.project_dir
+        previous = (self.project_dir, self.config, self._vars, self._secrets)
         self.project_dir, self.config = new_dir, config
         self._vars, self._secrets = dict(vars), dict(secrets)
         try:
-            _forget_modules(old_dir)
+            _forget_modules(previous[0])
             self._load_worker()
         except WorkerError:
-            self.project_dir = old_dir
+            # The previous worker keeps serving, with its own config, vars and secrets.
+            self.project_dir, self.config, self._vars, self._secrets = previous
             raise
         self.env = self._make_env()
         self.host.set_env(self.env)
