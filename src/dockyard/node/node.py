@@ -125,7 +125,9 @@ class Node:
         self._registry = Registry(self.paths.registry_dir)
         await self._registry.start()
         self._engine_api = EngineApi(self.runtime, self.owner)
-        self._processes = AppProcesses()
+        self._processes = AppProcesses(
+            restart_initial=self.settings.restart_initial, restart_max=self.settings.restart_max
+        )
         self._rollouts = Rollouts(self.store, self._processes, run_ref=self.run_ref)
 
         self._admin = web.AppRunner(make_admin_app(self), access_log=None)
@@ -138,7 +140,7 @@ class Node:
             ssl_context=_tls(self.settings.admin_tls_cert, self.settings.admin_tls_key),
         )
         await site.start()
-        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        bound = self._admin.addresses[0][1]  # the port chosen when --admin asked for 0
         self.admin_address = f"{host}:{bound}"
 
         apps = [app for app in self.store.list_apps() if app.active_version is not None]
