@@ -526,3 +526,96 @@ def test_sigterm_drains_requests_in_flight_and_stops_containers(node: Node, tmp_
     assert asyncio.run(slow_then_sigterm()) == (200, "slow done")
     assert node.stop() == 0
     assert owned_containers(node, name) == []
+
+
+ISOLATION_WORKER = """
+import json
+import socket
+import time
+from urllib.parse import parse_qs, urlparse
+
+from dockyard import Response
+
+
+def attempt(action):
+    try:
+        action()
+    except PermissionError:
+        return "denied"
+    except OSError as exc:
+        return type(exc).__name__
+    return "allowed"
+
+
+def connect(path):
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+
+
+async def fetch(request, env, ctx):
+    url = urlparse(request.url)
+    query = {k: v[0] for k, v in parse_qs(url.query).items()}
+    if url.path == "/spin":
+        end = time.monotonic() + float(query["s"])
+        while time.monotonic() < end:  # blocks this app's process, on purpose
+            pass
+        return Response("spun")
+    if url.path == "/probe":
+        return Response(json.dumps({
+            "read": attempt(lambda: open(query["file"], "rb").read()),
+            "list": attempt(lambda: __import__("os").listdir(query["dir"])),
+            "engine": attempt(lambda: connect("/var/run/docker.sock")),
+        }))
+    return Response("answer")
+"""
+
+
+def worker_app(tmp_path: Path) -> tuple[str, Path]:
+    name = f"t-{secrets.token_hex(4)}"
+    root = tmp_path / name
+    root.mkdir()
+    (root / "worker.py").write_text(ISOLATION_WORKER)
+    (root / "wrangler.jsonc").write_text(json.dumps({"name": name, "main": "worker.py"}))
+    return name, root
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="apps run as their own uids only under root")
+def test_two_apps_are_isolated_from_each_other_and_the_engine(node: Node, tmp_path: Path) -> None:
+    a, a_dir = worker_app(tmp_path)
+    b, b_dir = worker_app(tmp_path)
+    node.deploy(str(a_dir))
+    node.deploy(str(b_dir))
+    b_state = node.data / "apps" / b / "state"
+    b_file = next(p for p in b_state.rglob("*") if p.is_file())
+
+    status, body = asyncio.run(get(node, f"{a}.localhost", f"/probe?file={b_file}&dir={b_state}"))
+    assert status == 200
+    assert json.loads(body) == {"read": "denied", "list": "denied", "engine": "denied"}
+
+    async def b_latencies_while_a_spins() -> list[float]:
+        spinning = [asyncio.create_task(get(node, f"{a}.localhost", "/spin?s=4")) for _ in range(3)]
+        latencies = []
+        async with aiohttp.ClientSession() as session:
+            # Measure only once A is busy: A itself stops answering.
+            while True:
+                try:
+                    async with session.get(
+                        node.app_url,
+                        headers={"Host": f"{a}.localhost"},
+                        timeout=aiohttp.ClientTimeout(total=0.3),
+                    ):
+                        pass
+                except TimeoutError:
+                    break
+            for _ in range(100):
+                started = time.perf_counter()
+                async with session.get(node.app_url, headers={"Host": f"{b}.localhost"}) as r:
+                    assert (r.status, await r.text()) == (200, "answer")
+                latencies.append(time.perf_counter() - started)
+        assert [s for s, _ in await asyncio.gather(*spinning)] == [200] * 3
+        return sorted(latencies)
+
+    latencies = asyncio.run(b_latencies_while_a_spins())
+    p99 = latencies[98]
+    print(f"app B while app A spins: p50 {latencies[49] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    assert p99 < 0.050, f"B's p99 {p99 * 1000:.1f} ms while A spins"
