@@ -94,7 +94,9 @@ async def test_messages_tags_attachments_and_auto_response(tmp_path: Path) -> No
             # What the first instance attached to each socket is still there.
             assert await ask(red, "attachment") == '{"joined": 1}'
             assert await ask(blue, "attachment") == '{"joined": 2}'
-            # Auto-response: answered by the runtime, the object is not involved.
+            # Auto-response: answered by the runtime, the object is not involved. (The
+            # console is read in another thread: wait until it has the rebuild's line.)
+            server.wait_for(r"BUILT 2")
             built_lines = server.output.count("BUILT")
             assert await ask(red, "ping") == "pong"
             assert server.output.count("BUILT") == built_lines
