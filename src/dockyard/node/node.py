@@ -201,7 +201,10 @@ class Node:
 
     def _lock_data_dir(self) -> None:
         """One node per data folder: a second would fight the first over its containers."""
-        lock = open(self.paths.lock, "a+")  # held for the node's life
+        # 0600 like everything at the data folder's root: app uids may pass through it.
+        descriptor = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(descriptor, 0o600)  # a lock file an older version left 0644
+        lock = open(descriptor, "a+")  # held for the node's life
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
