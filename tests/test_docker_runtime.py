@@ -387,16 +387,16 @@ async def test_ensure_image_builds_only_on_change(
 
     # A missing FROM image is reported before the builder would try a registry.
     dockerfile.write_text("ARG BASE=python:3.12-slim\nFROM ${BASE}\n")
-    with pytest.raises(ImageError, match=r"FROM 'python:3.12-slim'.*never pulls"):
+    with pytest.raises(ImageError, match=r"FROM 'python:3.12-slim'.*pulls only references"):
         await ensure()
     assert await ensure(build_args={"BASE": busybox_image}) not in (first, second, third)
 
-    # An image reference is only checked, never built or pulled.
+    # An image reference without a registry host is only checked, never built or pulled.
     # A referenced image runs by its id, so a tag that moves later changes nothing here.
     assert await ensure(dockerfile=None, image=busybox_image) == await docker_runtime.image_id(
         busybox_image
     )
-    with pytest.raises(ImageError, match="never pulls"):
+    with pytest.raises(ImageError, match="pulls only references that name a registry host"):
         await ensure(dockerfile=None, image="dockyard/not-here:1")
 
 

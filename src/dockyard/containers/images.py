@@ -1,8 +1,10 @@
-"""Images for container classes: build from a Dockerfile only when its inputs changed.
+"""Images for container classes: build from a Dockerfile only when its inputs changed,
+or pull a reference that names a registry when the engine does not have it.
 
 The tag of a built image is a hash of everything that goes into the build (the
 Dockerfile, the build args and the exact files sent as context), so an unchanged
 project starts from the image it already has, and any change produces a new tag.
+Pulling (which references, credentials, progress) is `pulling.py`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from dockyard.containers.runtime import ImageStore
+from dockyard.containers.pulling import pull_image, registry_host
+from dockyard.containers.runtime import ImagePuller, ImageStore
 from dockyard.errors import ImageError
 
 # Dockyard's own state, VCS metadata and Python caches never belong in a build context;
@@ -195,6 +198,15 @@ def base_images(dockerfile_text: str, build_args: Mapping[str, str]) -> list[str
     return found
 
 
+def _why_not_pulled(ref: str) -> str:
+    if registry_host(ref) is not None:
+        return "This container runtime cannot pull images."
+    return (
+        "Dockyard pulls only references that name a registry host (such as "
+        "`registry.example.com/team/api:1.2`) and never reaches Docker Hub by itself."
+    )
+
+
 def image_tag(app: str, class_name: str, digest: str) -> str:
     """`dockyard-<app>-<class>:<hash[:12]>`, lowercased to a valid image reference."""
     repo = re.sub(r"[^a-z0-9._-]+", "-", f"dockyard-{app}-{class_name}".lower()).strip("-._")
@@ -216,16 +228,26 @@ async def ensure_image(
 
     With a `dockerfile`, build it (context defaults to the Dockerfile's directory) unless
     an image for exactly these inputs exists already. Without one, `image` is an image
-    reference that must already be present on the engine: nothing is pulled.
+    reference; when the engine does not have it and it names a registry host, it is
+    pulled (when `runtime` is an `ImagePuller`), with progress on `on_output`. As with
+    ``docker run``, an image present is used as it is, even if its tag moved since.
     """
+
+    def output(line: str) -> None:
+        on_output(f"{class_name}: {line}")
+
     if dockerfile is None:
         image_id = await runtime.image_id(image)
         if image_id is None:
-            raise ImageError(
-                f"Image {image!r} for container class {class_name!r} is not present on the "
-                "container engine, and Dockyard never pulls from a registry. Build or load "
-                f"it first (for example `docker build -t {image} .`), or point `image` at a "
-                "Dockerfile."
+            if registry_host(image) is None or not isinstance(runtime, ImagePuller):
+                raise ImageError(
+                    f"Image {image!r} for container class {class_name!r} is not present on "
+                    f"the container engine. {_why_not_pulled(image)} Build or load it first "
+                    f"(for example `docker build -t {image} .`), name its registry in `image`, "
+                    "or point `image` at a Dockerfile."
+                )
+            image_id = await pull_image(
+                runtime, image, what=f"container class {class_name!r}", on_output=output
             )
         # Run exactly the image checked here: a tag like :latest may move, and the
         # id makes the containers' version label (and their adoption) follow the image.
@@ -240,13 +262,18 @@ async def ensure_image(
     # The engine's builder would try a registry for a missing FROM image; say what is
     # missing instead of waiting for a pull that cannot work here.
     for base in base_images(await asyncio.to_thread(dockerfile.read_text), build_args):
-        if await runtime.image_id(base) is None:
+        if await runtime.image_id(base) is not None:
+            continue
+        if registry_host(base) is None or not isinstance(runtime, ImagePuller):
             raise ImageError(
                 f"{dockerfile} (class {class_name!r}) starts FROM {base!r}, which is not "
-                "present on the container engine, and Dockyard never pulls from a registry. "
-                "Build or load that image first, or pass a build arg pointing FROM at a local "
-                "image."
+                f"present on the container engine. {_why_not_pulled(base)} Build or load "
+                "that image first, name its registry in FROM, or pass a build arg pointing "
+                "FROM at a local image."
             )
+        await pull_image(
+            runtime, base, what=f"FROM in {dockerfile} (class {class_name!r})", on_output=output
+        )
     await runtime.build_image(
         context_dir,
         dockerfile,

@@ -6,6 +6,7 @@ API, and tests may pass a small fake that implements only the concern it needs:
 
     ImageStore           build_image, image_id
     ImagePorts           exposed_ports (optional: a runtime without it exposes nothing)
+    ImagePuller          pull (optional: a runtime without it pulls nothing)
     ContainerLifecycle   run, inspect, wait, signal, stop, pause, unpause, set_cpu_limit,
                          kill, remove, list, engine_info
     ContainerExec        exec, exec_stream
@@ -53,7 +54,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 __all__ = [
     "DEFAULT_CAP_DROP",
@@ -61,18 +62,23 @@ __all__ = [
     "DEFAULT_LOG_MAX_SIZE_MIB",
     "DEFAULT_PIDS_LIMIT",
     "DEFAULT_TMP_SIZE_MIB",
+    "ContainerEvent",
     "ContainerExec",
     "ContainerInfo",
     "ContainerLifecycle",
     "ContainerLogs",
+    "ContainerObservation",
     "ContainerRuntime",
     "ContainerSpec",
+    "ContainerStats",
     "EngineInfo",
     "ExecProcess",
     "ExecResult",
     "ExitStatus",
     "ImagePorts",
+    "ImagePuller",
     "ImageStore",
+    "LogLine",
     "RuntimeCapabilities",
 ]
 
@@ -209,7 +215,7 @@ class ExecProcess(Protocol):
 
 @runtime_checkable
 class ImageStore(Protocol):
-    """Images on the engine. Nothing is ever pulled from a registry."""
+    """Images on the engine. Pulling from a registry is `ImagePuller`'s, not this."""
 
     async def build_image(
         self,
@@ -240,6 +246,29 @@ class ImagePorts(Protocol):
     async def exposed_ports(self, ref: str) -> tuple[int, ...]:
         """The TCP ports the image EXPOSEs, sorted. Raises `ContainerError` (its
         `EngineUnavailable` subclass when the engine is down) if it cannot be inspected."""
+        ...
+
+
+@runtime_checkable
+class ImagePuller(Protocol):
+    """Pulling images from a registry (kept apart from `ImageStore`: a runtime without it
+    runs only images the engine has, and a fake store need not pull)."""
+
+    async def pull(
+        self,
+        ref: str,
+        auth: Mapping[str, str] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> str:
+        """Pull `ref` (``registry/repo:tag`` or ``registry/repo@sha256:…``) into the
+        engine and return the image id. `auth` is the engine's credential object
+        (``{"username", "password"}`` or ``{"identitytoken"}``); each progress message of
+        the engine (``status``, ``id``, ``progressDetail``) goes to `on_progress`.
+
+        Raises `ImageError` naming the registry when it cannot be reached, refuses the
+        credentials, or has no such image, tag or digest; `EngineUnavailable` when the
+        engine itself does not answer.
+        """
         ...
 
 
@@ -357,6 +386,65 @@ class ContainerLogs(Protocol):
 
         With `follow`, keeps going until the container stops or the iterator is closed.
         """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerEvent:
+    """One thing the engine did to a container (its events stream)."""
+
+    # "create", "start", "die", "oom", "pause", "unpause", "stop", "kill", "destroy"
+    action: str
+    container_id: str
+    labels: Mapping[str, str]
+    # Unix seconds, from the engine's own clock (timeNano).
+    time: float
+    # "die" only.
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One line a container printed, as the engine stored it."""
+
+    time: float  # Unix seconds, the engine's timestamp of the line
+    stream: str  # "stdout" or "stderr"
+    text: str  # without the newline
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerStats:
+    """One reading of a running container's cgroup and network counters."""
+
+    time: float  # Unix seconds, when the engine read them
+    cpu_ns: int  # cumulative CPU time (user + system) since the container started
+    memory_bytes: int  # current memory use (without page cache where the engine says)
+    rx_bytes: int  # cumulative, all interfaces
+    tx_bytes: int  # cumulative, all interfaces (egress)
+
+
+@runtime_checkable
+class ContainerObservation(Protocol):
+    """What the node watches: engine events, log lines with their stream and time, and
+    resource counters. Not part of ``ContainerRuntime``: app processes never watch."""
+
+    def events(
+        self, labels: Mapping[str, str], since: float | None = None
+    ) -> AsyncIterator[ContainerEvent]:
+        """Events of containers carrying all of ``labels``, from ``since`` (Unix seconds;
+        None: from now) on, until the iterator is closed. Raises ``EngineUnavailable``
+        when the stream cannot be opened or breaks."""
+        ...
+
+    def log_lines(
+        self, container_id: str, *, follow: bool, since: float | None = None
+    ) -> AsyncIterator[LogLine]:
+        """The container's lines from ``since`` on (None: all it kept); with ``follow``,
+        until the container stops or the iterator is closed."""
+        ...
+
+    async def stats(self, container_id: str) -> ContainerStats | None:
+        """One reading; None when the container is not running or is gone."""
         ...
 
 
