@@ -1,0 +1,1 @@
+"""Observability: logs, metrics and usage metering (issue 13)."""

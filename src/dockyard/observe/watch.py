@@ -1,0 +1,340 @@
+"""The node's engine watcher: every line its containers print, and every engine event.
+
+`EngineWatcher` follows each running container that carries its labels, and each one the
+engine starts later (from the event stream), and turns their lines into
+``LogRecord(source="container")`` for a `LogSink`. Every `ContainerEvent` also goes to
+`on_event` (the usage meter and the metrics use it).
+
+Nothing is lost or repeated across a watcher restart: the cursor file keeps, per
+container, the time of the newest line delivered and how many lines with exactly that
+time were delivered (a line the engine cut in pieces, or lines of one instant, share a
+time). A restart reads from that time and skips what it already delivered. Two limits,
+both the engine's: stdout and stderr are stamped by two copiers, so a line of one
+stream can be stored after a slightly later line of the other; one that falls exactly at
+a restart's cut is skipped. And the cursor is saved every `save_interval` seconds and on
+`aclose`, so a watcher killed outright repeats at most that much on its next start.
+
+An engine that cannot be reached (`EngineUnavailable`) is retried with back-off, from the
+listing on: lines printed meanwhile are read from the cursor once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from dockyard._closing import AsyncClosing
+from dockyard.containers import labels as label_names
+from dockyard.containers.runtime import (
+    ContainerEvent,
+    ContainerInfo,
+    ContainerLifecycle,
+    ContainerObservation,
+)
+from dockyard.errors import ContainerError, ContainerGone, EngineUnavailable
+from dockyard.observe.records import LogRecord, LogSink, Stream
+
+__all__ = ["EngineWatcher", "WatchedRuntime"]
+
+log = logging.getLogger("dockyard.observe.watch")
+_STREAMS: dict[str, Stream] = {"stdout": "stdout", "stderr": "stderr"}
+
+
+class WatchedRuntime(ContainerObservation, ContainerLifecycle, Protocol):
+    """What the watcher needs of a runtime: observation plus list and inspect."""
+
+
+class _Cursor:
+    """Per container ``[time of the newest line delivered, lines delivered at that
+    time]``, and when it was last saved (the watcher was alive until then)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.marks: dict[str, list[float]] = {}
+        self.saved_at: float | None = None  # None: no earlier watcher left a cursor
+        self._saved: dict[str, tuple[float, float]] = {}
+
+    def load(self) -> None:
+        if self.path is None:
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            saved_at = float(data.get("saved_at") or 0.0)
+            marks = {
+                str(key): [float(at), float(count)]
+                for key, (at, count) in (data.get("containers") or {}).items()
+            }
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            # Reading everything again beats refusing to start: say so and go on.
+            log.warning("Ignoring the unreadable log cursor %s: %s", self.path, exc)
+            return
+        self.saved_at, self.marks = saved_at, marks
+        self._saved = self._snapshot()
+
+    def _snapshot(self) -> dict[str, tuple[float, float]]:
+        return {key: (mark[0], mark[1]) for key, mark in self.marks.items()}
+
+    async def save(self, *, force: bool = False) -> None:
+        """Write the cursor if it changed (or once a minute: `saved_at` says until when
+        a watcher was alive); `force` writes it in any case (the watcher is closing)."""
+        if self.path is None:
+            return
+        snapshot = self._snapshot()
+        now = time.time()
+        recent = self.saved_at is not None and now - self.saved_at < 60
+        if snapshot == self._saved and recent and not force:
+            return
+        await asyncio.to_thread(self._write, snapshot, now)
+        self._saved, self.saved_at = snapshot, now
+
+    def _write(self, snapshot: dict[str, tuple[float, float]], now: float) -> None:
+        assert self.path is not None
+        data = {"saved_at": now, "containers": snapshot}
+        scratch = self.path.with_name(self.path.name + ".tmp")
+        with open(scratch, "w") as file:
+            json.dump(data, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(scratch, self.path)
+
+
+class EngineWatcher(AsyncClosing):
+    """Follows the engine for containers carrying all of `labels` (OBSERVE.md, part 2).
+
+    ``async with EngineWatcher(...)`` or `start()` / `aclose()`; `start()` returns once
+    the running containers are followed (or the engine was found unavailable: it keeps
+    retrying in the background).
+    """
+
+    def __init__(
+        self,
+        runtime: WatchedRuntime,
+        labels: Mapping[str, str],
+        sink: LogSink,
+        *,
+        on_event: Callable[[ContainerEvent], None] | None = None,
+        cursor: Path | None = None,
+        retry_initial: float = 0.1,
+        retry_max: float = 5.0,
+        save_interval: float = 1.0,
+    ) -> None:
+        self._runtime = runtime
+        self._labels = dict(labels)
+        self._sink = sink
+        self._on_event = on_event
+        self._cursor = _Cursor(Path(cursor) if cursor is not None else None)
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._save_interval = save_interval
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._followers: dict[str, asyncio.Task[None]] = {}
+        self._ready = asyncio.Event()
+        # Where a new subscription to the event stream resumes, and the events already
+        # passed on at exactly that time (the engine's `since` includes them again).
+        self._events_since: float | None = None
+        self._events_seen: set[tuple[str, str]] = set()
+        # Since when the engine went unwatched (the last watcher's last save, or an
+        # outage): a container that ran and stopped meanwhile is read at the next listing.
+        self._unwatched_since: float | None = None
+        self._started = False
+
+    async def __aenter__(self) -> EngineWatcher:
+        await self.start()
+        return self
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        await asyncio.to_thread(self._cursor.load)
+        self._unwatched_since = self._cursor.saved_at
+        self._own(self._watch_engine())
+        if self._cursor.path is not None:
+            self._own(self._save_periodically())
+        await self._ready.wait()
+
+    async def aclose(self) -> None:
+        tasks = [*self._tasks, *self._followers.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._followers.clear()
+        if self._started:
+            await self._cursor.save(force=True)
+
+    def _own(self, work: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._save_interval)
+            try:
+                await self._cursor.save()
+            except OSError as exc:
+                log.warning("Could not save the log cursor %s: %s", self._cursor.path, exc)
+
+    # Engine events and the listing
+
+    async def _watch_engine(self) -> None:
+        delay = self._retry_initial
+
+        def listed() -> None:
+            nonlocal delay
+            delay = self._retry_initial  # the engine answered: back-off starts over
+            self._ready.set()
+
+        while True:
+            try:
+                await self._follow_engine(on_listed=listed)
+            except ContainerError as exc:
+                level = logging.INFO if isinstance(exc, EngineUnavailable) else logging.WARNING
+                log.log(level, "Engine watch interrupted, retrying in %.1f s: %s", delay, exc)
+            except Exception:
+                log.exception("Engine watch failed, retrying in %.1f s", delay)
+            if self._unwatched_since is None and self._ready.is_set():
+                self._unwatched_since = time.time()
+            self._ready.set()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max)
+
+    async def _follow_engine(self, *, on_listed: Callable[[], None]) -> None:
+        # Subscribe from a time before the listing: a container that starts in between
+        # is both listed and announced, and following is idempotent.
+        since = self._events_since if self._events_since is not None else time.time()
+        infos = await self._runtime.list(self._labels)
+        self._follow_listed(infos)
+        on_listed()
+        self._events_since = since
+        events = self._runtime.events(self._labels, since=since)
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                self._handle_event(event)
+
+    def _follow_listed(self, infos: list[ContainerInfo]) -> None:
+        present = {info.id for info in infos}
+        for container_id in list(self._cursor.marks):
+            if container_id not in present:
+                del self._cursor.marks[container_id]
+        unwatched_since, self._unwatched_since = self._unwatched_since, None
+        for info in infos:
+            # A stopped container is read (to its end) when it may hold lines not yet
+            # delivered: it is in the cursor, or it ran while nothing watched.
+            stopped_since = (
+                info.finished_at is not None
+                and unwatched_since is not None
+                and info.finished_at.timestamp() >= unwatched_since
+            )
+            if info.running or info.id in self._cursor.marks or stopped_since:
+                self._follow(info.id, info.labels)
+
+    def _handle_event(self, event: ContainerEvent) -> None:
+        key = (event.container_id, event.action)
+        if self._events_since is not None and event.time <= self._events_since:
+            if event.time < self._events_since or key in self._events_seen:
+                return
+        if self._events_since is None or event.time > self._events_since:
+            self._events_since = event.time
+            self._events_seen.clear()
+        self._events_seen.add(key)
+        if event.action == "start":
+            self._follow(event.container_id, event.labels)
+        elif event.action == "destroy":
+            self._cursor.marks.pop(event.container_id, None)
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                log.exception("on_event failed for %s", event)
+
+    # One container's lines
+
+    def _follow(self, container_id: str, labels: Mapping[str, str]) -> None:
+        current = self._followers.get(container_id)
+        if current is not None and not current.done():
+            return
+        task = asyncio.create_task(self._follow_container(container_id, labels))
+        self._followers[container_id] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._followers.get(container_id) is done:
+                del self._followers[container_id]
+
+        task.add_done_callback(forget)
+
+    async def _follow_container(self, container_id: str, labels: Mapping[str, str]) -> None:
+        delay = self._retry_initial
+        mark = self._cursor.marks.setdefault(container_id, [0.0, 0.0])
+        while True:
+            try:
+                delivered = await self._deliver(container_id, labels, mark)
+                # The stream ends when the container stops; it may have been started
+                # again meanwhile (its "start" found this follower still running).
+                info = await self._runtime.inspect(container_id)
+                if info is None or not info.running:
+                    return
+                if delivered:
+                    delay = self._retry_initial
+                    continue
+            except ContainerGone:
+                return
+            except ContainerError as exc:
+                level = logging.INFO if isinstance(exc, EngineUnavailable) else logging.WARNING
+                log.log(level, "Log stream of %s interrupted: %s", container_id[:12], exc)
+            except Exception:
+                log.exception("Log stream of %s failed", container_id[:12])
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max)
+
+    async def _deliver(
+        self, container_id: str, labels: Mapping[str, str], mark: list[float]
+    ) -> int:
+        """Read the container's lines after `mark`, emit them, and keep `mark` on the
+        newest one delivered. Returns how many were delivered."""
+        version = labels.get(label_names.VERSION, "")
+        base: dict[str, Any] = {
+            "app": labels.get(label_names.APP, ""),
+            "source": "container",
+            "level": "info",
+            "version": int(version) if version.isdigit() else None,
+            "class_name": labels.get(label_names.CLASS, ""),
+            "object_id": labels.get(label_names.OBJECT, ""),
+            "object_name": labels.get(label_names.NAME, ""),
+            "container_id": container_id,
+        }
+        emit = self._sink.emit
+        streams = _STREAMS
+        newest, at_newest = mark
+        # Ask from a second early: the engine's `since` and ours may round differently.
+        since = newest - 1.0 if newest else None
+        seen_at_newest = 0  # lines at `newest` in this stream
+        delivered = 0
+        lines = self._runtime.log_lines(container_id, follow=True, since=since)
+        async with contextlib.aclosing(lines):  # type: ignore[type-var]
+            async for line in lines:
+                at = line.time
+                if at > newest:
+                    newest, at_newest, seen_at_newest = at, 1, 1
+                elif at == newest:
+                    seen_at_newest += 1
+                    if seen_at_newest <= at_newest:
+                        continue
+                    at_newest = seen_at_newest
+                else:
+                    continue
+                stream = streams.get(line.stream, "stdout")
+                emit(LogRecord(message=line.text, stream=stream, time=at, **base))
+                mark[0], mark[1] = newest, at_newest
+                delivered += 1
+        return delivered
