@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +27,8 @@ from .errors import DockyardError, WorkerError, error_id
 from .http import Request, Response, error_response
 from .objects import ObjectHost
 from .objects.files import OpenFiles
+from .observe.metrics import AppMetrics
+from .observe.records import LogRecord, LogSink
 from .settings import Settings
 from .worker import Env, ExecutionContext, Worker, load_worker
 
@@ -46,11 +49,13 @@ class App:
         image_overrides: Mapping[str, str] | None = None,
         vars: Mapping[str, Any] | None = None,
         secrets: Mapping[str, str] | None = None,
+        sink: LogSink | None = None,
     ) -> None:
         """``owner``, ``image_overrides``, ``vars`` and ``secrets`` are how a node runs a
         deployed version: its containers' owner label, the pushed images by class (nothing
         is built), and the version's vars and decrypted secrets (instead of the config's
-        vars and ``.dev.vars``)."""
+        vars and ``.dev.vars``). ``sink`` receives the platform events (containers
+        started, stopped, failed); ``metrics`` counts them too."""
         self.settings = settings or Settings()
         self.project_dir = Path(project_dir).resolve()
         self.config: Config = load_config(self.project_dir, config_path)
@@ -74,6 +79,8 @@ class App:
         self._started = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.containers: ContainerManager | None = None
+        self.metrics = AppMetrics(self.config.name)
+        self.sink: LogSink = _Both(self.metrics, sink) if sink is not None else self.metrics
         if self.config.containers:
             if runtime is None:
                 from .containers.docker import DockerRuntime
@@ -87,10 +94,29 @@ class App:
                 images=image_overrides,
             )
             self.containers.set_waker(self._wake)
+            self.containers.sink = self.sink
+            self.containers.on_container_request = self.metrics.container_request
             for container in self.config.containers:
                 self.host.set_context_extension(
                     container.class_name, self._supervisor_factory(container.class_name)
                 )
+        containers = self.containers
+        self.metrics.watch(
+            containers=lambda: (
+                [(s.class_name, s.phase.value) for s in containers.supervisors()]
+                if containers is not None
+                else []
+            ),
+            objects=lambda: self.host.statistics().live,
+            storage=self.state_dir,
+        )
+
+    def observe(self, sink: LogSink) -> None:
+        """Send the platform events to ``sink`` too (what the constructor's ``sink`` does,
+        for a caller that needs the app, its state folder or its engine, to make one)."""
+        self.sink = _Both(self.metrics, sink)
+        if self.containers is not None:
+            self.containers.sink = self.sink
 
     def _make_env(self) -> Env:
         return Env(
@@ -199,14 +225,20 @@ class App:
             # Only the worker chooses a container port (switch_port); a client cannot.
             headers.popall(SWITCH_PORT_HEADER, None)
             headers.popall(CF_SWITCH_PORT_HEADER, None)
+        began = time.perf_counter()
         try:
-            return await self.bindings.serve(request, self._run_worker)
+            response = await self.bindings.serve(request, self._run_worker)
         except DockyardError as exc:
             ident = error_id()
             log.warning(
                 "%s %s -> %s (error id %s): %s", request.method, request.url, exc.status, ident, exc
             )
-            return error_response(exc, ident, debug=self.settings.containers.debug_errors)
+            response = error_response(exc, ident, debug=self.settings.containers.debug_errors)
+        except Exception:
+            self.metrics.request(500, time.perf_counter() - began)  # the gateway answers 500
+            raise
+        self.metrics.request(response.status, time.perf_counter() - began)
+        return response
 
     async def _run_worker(self, request: Request) -> Response:
         assert self.worker is not None, "App.start() was not called"
@@ -284,9 +316,27 @@ class App:
                 "image": s.info.image if s.info is not None else None,
                 "idle_seconds": s.idle_seconds(),
                 "inflight": s.inflight,
+                "starting": s.starting,
             }
             for s in self.containers.supervisors()
         ]
+
+    async def stop_container(self, container_id: str, *, destroy: bool) -> bool:
+        """An operator's stop (API, dashboard): SIGTERM then SIGKILL after the grace
+        period, or at once with ``destroy``; recorded as a stop, not an exit. False when
+        no object here runs that container."""
+        if self.containers is None:
+            return False
+        for supervisor in self.containers.supervisors():
+            if supervisor.info is not None and supervisor.info.id == container_id:
+                if destroy:
+                    await supervisor.destroy(reason="destroy")
+                else:
+                    await supervisor.stop(
+                        15, reason="stop", grace=self.settings.containers.stop_grace
+                    )
+                return True
+        return False
 
     async def replace(self, class_name: str, object_id: str) -> bool:
         """A rollout step: restart this object's container on its class's current image
@@ -338,3 +388,15 @@ def _forget_modules(project_dir: Path) -> None:
     for entry in list(sys.path):
         if entry and Path(entry).resolve().is_relative_to(project_dir):
             sys.path.remove(entry)
+
+
+class _Both:
+    """Platform events to the metrics and to the given sink."""
+
+    def __init__(self, metrics: AppMetrics, sink: LogSink) -> None:
+        self.metrics = metrics
+        self.sink = sink
+
+    def emit(self, record: LogRecord) -> None:
+        self.metrics.emit(record)
+        self.sink.emit(record)

@@ -327,7 +327,8 @@ class Container(DurableObject):
                     on_lost=supervisor.lost,
                     own=supervisor.own,
                 )
-            return await forward_http(
+            began = time.perf_counter()
+            response = await forward_http(
                 manager.session,
                 manager.upstream,
                 host_port,
@@ -335,6 +336,9 @@ class Container(DurableObject):
                 on_finished=lease.release,
                 on_lost=supervisor.lost,
             )
+            if manager.on_container_request is not None:
+                manager.on_container_request(supervisor.class_name, time.perf_counter() - began)
+            return response
         except DockyardError as exc:
             lease.release()
             return _error_response(supervisor, exc)

@@ -15,10 +15,13 @@ from pathlib import Path
 __all__ = [
     "APP",
     "CLASS",
+    "DISK_MB",
+    "MEMORY_MIB",
     "NAME",
     "OBJECT",
     "OWNER",
     "RESERVED_PREFIX",
+    "VCPU",
     "VERSION",
     "dev_owner",
 ]
@@ -32,6 +35,10 @@ OBJECT = "dockyard.object_id"
 NAME = "dockyard.object_name"
 VERSION = "dockyard.version"
 OWNER = "dockyard.owner"
+# The instance type's provisioned size, as decimal strings: metering reads nothing else.
+VCPU = "dockyard.vcpu"
+MEMORY_MIB = "dockyard.memory_mib"
+DISK_MB = "dockyard.disk_mb"
 
 
 def dev_owner(state_dir: Path) -> str:

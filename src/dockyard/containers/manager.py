@@ -25,6 +25,7 @@ import aiohttp
 
 from ..config import Config, ContainerConfig
 from ..errors import ContainerError, EngineUnavailable, ImageError, NoCapacity, TooManyStarts
+from ..observe.records import LogRecord, LogSink
 from ..settings import ContainerSettings
 from . import labels
 from .images import ensure_image
@@ -98,6 +99,10 @@ class ContainerManager:
         # reference by digest), nothing is built here, and a container of an earlier
         # version is adopted as it is: a rollout, not a restart, replaces it.
         self._images = dict(images) if images is not None else None
+        # Where platform events go (container started, stopped, failed to start), and
+        # who times each request forwarded to a container (class, seconds to its head).
+        self.sink: LogSink | None = None
+        self.on_container_request: Callable[[str, float], None] | None = None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -149,6 +154,35 @@ class ContainerManager:
 
     def phase_changed(self, supervisor: ContainerSupervisor) -> None:
         """Every phase change of every container passes here (metrics hang off it)."""
+
+    def record(
+        self,
+        supervisor: ContainerSupervisor,
+        event: str,
+        message: str,
+        *,
+        container_id: str = "",
+        level: str = "info",
+        **fields: object,
+    ) -> None:
+        """A platform event about one object's container (observe.records.EVENTS)."""
+        if self.sink is None:
+            return
+        self.sink.emit(
+            LogRecord(
+                app=self.app,
+                message=message,
+                source="platform",
+                stream="event",
+                level=level,
+                class_name=supervisor.class_name,
+                object_id=supervisor.object_id,
+                object_name=supervisor.object_name or "",
+                container_id=container_id,
+                event=event,
+                fields=fields,
+            )
+        )
 
     # Lifecycle
 
@@ -348,6 +382,9 @@ class ContainerManager:
                 labels.OBJECT: supervisor.object_id,
                 labels.NAME: supervisor.object_name or "",
                 labels.VERSION: entry.version,
+                labels.VCPU: f"{entry.vcpu:g}",
+                labels.MEMORY_MIB: str(resources.memory_mib),
+                labels.DISK_MB: str(resources.disk_mb),
             },
             env={
                 **env,

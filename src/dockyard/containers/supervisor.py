@@ -35,7 +35,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from ..errors import ContainerError, ContainerGone, EngineUnavailable, StartFailed
+from ..errors import (
+    ContainerError,
+    ContainerGone,
+    EngineUnavailable,
+    ImageError,
+    NoCapacity,
+    StartFailed,
+    TooManyStarts,
+)
 from .readiness import Readiness, wait_for_port
 from .runtime import ContainerInfo, ExitStatus
 from .state import State, Status, StopParams, StopReason
@@ -236,6 +244,12 @@ class ContainerSupervisor:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    @property
+    def starting(self) -> bool:
+        """A start is under way: the engine is creating the container, or it runs and the
+        ports its start waits for do not answer yet."""
+        return self._start_task is not None
 
     def idle_seconds(self) -> float:
         """Seconds since the last request, response body or WebSocket frame."""
@@ -510,6 +524,7 @@ class ContainerSupervisor:
             self._arm_timer()
             return
         error: BaseException
+        began = time.monotonic()
         try:
             await self._launch(options, ports, overrides)
         except TimeoutError:
@@ -522,10 +537,25 @@ class ContainerSupervisor:
             await self._abandon()
             raise
         else:
+            elapsed = time.monotonic() - began
+            self.manager.record(
+                self,
+                "container.start",
+                f"container started in {elapsed * 1000:.0f} ms",
+                container_id=self.info.id if self.info is not None else "",
+                cold_start_ms=round(elapsed * 1000, 1),
+            )
             hooks = await self._attached_hooks()
             if hooks is not None:
                 await hooks.on_start()
             return
+        self.manager.record(
+            self,
+            "container.start_failed",
+            f"container did not start: {getattr(error, 'public', None) or error}",
+            level="error",
+            reason=_failure_reason(error),
+        )
         if not isinstance(error, EngineUnavailable):
             await self._abandon()
         hooks = await self._attached_hooks()
@@ -674,6 +704,16 @@ class ContainerSupervisor:
         self._enter(Phase.STOPPED, status.exit_code, stopped_by_itself=reason in ("exit", "oom"))
         self._stopped.set()
         params = StopParams.of(status.exit_code, reason)
+        self.manager.record(
+            self,
+            "container.oom" if reason == "oom" else "container.stop",
+            f"container stopped ({reason}), exit code {status.exit_code}",
+            container_id=info.id,
+            level="error" if reason == "oom" else "info",
+            exit_code=status.exit_code,
+            reason=params.reason,
+            detail=reason,
+        )
         hooks = self._hooks
         if hooks is not None:
             try:
@@ -829,3 +869,17 @@ class ContainerSupervisor:
 def _stored(state: State) -> dict[str, Any]:
     """A state as the object's internal storage keeps it."""
     return {"status": state.status, "last_change": state.last_change, "exit_code": state.exit_code}
+
+
+def _failure_reason(error: BaseException) -> str:
+    """A start failure's kind, from a fixed set (a metric label: bounded)."""
+    for kind, name in (
+        (EngineUnavailable, "engine"),
+        (ImageError, "image"),
+        (NoCapacity, "capacity"),
+        (TooManyStarts, "rate"),
+        (StartFailed, "timeout"),
+    ):
+        if isinstance(error, kind):
+            return name
+    return "error"
