@@ -132,6 +132,10 @@ async def test_container_spec_carries_labels_env_and_limits(tmp_path: Path) -> N
         "dockyard.object_id": "abc123",
         "dockyard.object_name": "alice",
         "dockyard.version": "ab12ab12ab12",
+        # The instance type's provisioned size (lite): what metering bills.
+        "dockyard.vcpu": "0.0625",
+        "dockyard.memory_mib": "256",
+        "dockyard.disk_mb": "2000",
     }
     assert spec.env == {
         "A": "1",

@@ -55,6 +55,12 @@ class ApiNode:
         self.activations: list[tuple[str, int, str]] = []
         self.refuse_activation: Exception | None = None
 
+    async def stop_container(self, info: Any) -> None:
+        await self.runtime.stop(info.id)
+
+    def tokens_rotated(self) -> None:
+        self.rotations = getattr(self, "rotations", 0) + 1
+
     async def activate(self, app: str, number: int, strategy: str) -> RolloutRecord | None:
         self.activations.append((app, number, strategy))
         if self.refuse_activation is not None:

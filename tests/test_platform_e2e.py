@@ -11,13 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,165 +25,17 @@ import aiohttp
 import pytest
 
 from dockyard.containers.docker import DockerRuntime
+from tests.support.node import DOCKYARD, Node, running_node
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKYARD = [sys.executable, "-m", "dockyard"]
-READY = re.compile(r"Ready apps on http://([\d.]+):(\d+) .* on http://([\d.]+):(\d+)")
-
-
-class Node:
-    """``dockyard serve`` on ephemeral ports with a known admin token."""
-
-    def __init__(self, data: Path) -> None:
-        self.data = data
-        self.token = "dy_" + secrets.token_urlsafe(32)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.proc: subprocess.Popen[str] | None = None
-        self.app_url = ""
-        self.admin_url = ""
-
-    def start(self, timeout: float = 60.0) -> Node:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"}
-        env["DOCKYARD_ADMIN_TOKEN"] = self.token
-        self.lines = []
-        self.proc = subprocess.Popen(
-            [
-                *DOCKYARD,
-                "serve",
-                "--data",
-                str(self.data),
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        match = self.wait_for(READY, timeout)
-        self.app_url = f"http://{match.group(1)}:{match.group(2)}"
-        self.admin_url = f"http://{match.group(3)}:{match.group(4)}"
-        return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if match := pattern.search(line):
-                        return match
-                exited = self.proc is not None and self.proc.poll() is not None
-                if time.monotonic() > deadline or exited:
-                    raise AssertionError(f"serve never printed {pattern.pattern!r}:\n{self.output}")
-                self._changed.wait(0.5)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"serve did not exit after signal {sig}:\n{self.output}") from None
-        finally:
-            self._reader.join(10)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-
-    def cli(
-        self, *args: str, input: str | None = None, timeout: float = 300.0, token: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "COLUMNS": "300", "NO_COLOR": "1"}
-        env["DOCKYARD_SERVER"] = self.admin_url
-        env["DOCKYARD_TOKEN"] = self.token if token is None else token
-        env["XDG_CONFIG_HOME"] = str(self.data.parent / "config")
-        return subprocess.run(
-            [*DOCKYARD, *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-            check=False,
-        )
-
-    def deploy(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``dockyard deploy``, which must succeed (the node's log shows why not)."""
-        done = self.cli("deploy", *args)
-        assert done.returncode == 0, done.stdout + done.stderr + "\nnode:\n" + self.output[-5000:]
-        return done
-
-    def api(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> Any:
-        return asyncio.run(self._api(method, path, token, **kwargs))
-
-    async def _api(self, method: str, path: str, token: str | None, **kwargs: Any) -> Any:
-        headers = {"Authorization": f"Bearer {self.token if token is None else token}"}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.request(
-                method, self.admin_url + "/api/v1" + path, headers=headers, **kwargs
-            ) as response,
-        ):
-            body = await response.text()
-            return response.status, (json.loads(body) if body.startswith(("{", "[")) else body)
 
 
 @pytest.fixture
 def node() -> Iterator[Node]:
-    # Apps run as their own uids when the node is root: the data folder must be reachable
-    # by them, which pytest's tmp_path (inside a 0700 folder) is not.
-    base = Path(tempfile.mkdtemp(prefix="dockyard-e2e-"))
-    base.chmod(0o711)
-    running = Node(base / "data").start()
-    try:
+    with running_node() as running:
         yield running
-    finally:
-        if running.proc is not None and running.proc.poll() is None:
-            running.stop()
-        _remove_owned(base / "data")
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _remove_owned(data: Path) -> None:
-    """Whatever containers this node's owner label still has (a failed test)."""
-    import sqlite3
-
-    db = data / "node.db"
-    if not db.exists():
-        return
-    with sqlite3.connect(db) as conn:
-        row = conn.execute("select value from meta where key = 'owner'").fetchone()
-    if row is None:
-        return
-    ids = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=dockyard.owner={row[0]}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)
 
 
 def project(

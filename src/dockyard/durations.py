@@ -8,7 +8,7 @@ import re
 
 from dockyard.errors import ConfigError
 
-__all__ = ["parse_duration"]
+__all__ = ["parse_duration", "parse_span"]
 
 _DURATION = re.compile(r"(\d+)([smh])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
@@ -26,6 +26,22 @@ def parse_duration(value: int | float | str, *, where: str = "") -> float:
         if match:
             return float(int(match[1]) * _UNIT_SECONDS[match[2]])
     raise ConfigError(f"{_EXPECTED}, got {_show(value)}", path=where or None)
+
+
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_SPAN_SECONDS = {**_UNIT_SECONDS, "d": 86400, "": 1}
+
+
+def parse_span(value: str, *, where: str = "") -> float:
+    """A span of time on the command line or in a query (log retention, ``--since 7d``):
+    like `parse_duration`, plus days and decimals (``1.5h``)."""
+    match = _SPAN.fullmatch(value.strip())
+    if match:
+        return float(match[1]) * _SPAN_SECONDS[match[2]]
+    raise ConfigError(
+        f'expected a span of time like "90s", "15m", "2h" or "7d", got {_show(value)}',
+        path=where or None,
+    )
 
 
 def _show(value: object) -> str:

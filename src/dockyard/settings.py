@@ -97,3 +97,8 @@ class NodeSettings:
     restart_max: float = 30.0
     # Run each app's process as its own uid when the node runs as root.
     separate_users: bool = True
+    # Logs are kept this long, and the store at most this big (oldest go first).
+    log_retention: float = 7 * 86400.0
+    log_max_bytes: int = 1 << 30
+    # How often running containers' CPU, memory and network counters are read.
+    usage_interval: float = 5.0

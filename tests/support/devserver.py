@@ -28,7 +28,18 @@ class DevServer:
 
     def start(self, timeout: float = 120.0) -> DevServer:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dockyard", "dev", str(self.project), "--port", "0", *self.args],
+            [
+                sys.executable,
+                "-m",
+                "dockyard",
+                "dev",
+                str(self.project),
+                "--port",
+                "0",
+                "--dashboard",
+                "127.0.0.1:0",
+                *self.args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -61,9 +61,17 @@ def dev(
             help="Use the config's env.<NAME> section (as wrangler; also CLOUDFLARE_ENV).",
         ),
     ] = None,
+    dashboard: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT of the dashboard and /metrics (a login token is printed at "
+            "start), or 'off'."
+        ),
+    ] = "127.0.0.1:8789",
 ) -> None:
     """Serve the project's worker locally, reloading it when a .py file changes."""
     from .dev import run_dev
+    from .serve import parse_address
 
     if env is not None:
         # The config loader reads CLOUDFLARE_ENV, as wrangler does; the flag sets it.
@@ -79,6 +87,7 @@ def dev(
                 object_idle_timeout=object_idle_timeout,
                 access_log=access_log,
                 debug_errors=debug_errors,
+                dashboard=None if dashboard == "off" else parse_address(dashboard, "--dashboard"),
             )
         )
     )
@@ -107,8 +116,15 @@ def serve(
         Path | None, typer.Option(help="Certificate (PEM) for the admin listener.")
     ] = None,
     admin_tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
+    log_retention: Annotated[
+        str, typer.Option(help="How long logs are kept (a duration: 7d, 36h).")
+    ] = "7d",
+    log_max_size: Annotated[
+        int, typer.Option(help="Most MiB the log store may use; the oldest lines go first.")
+    ] = 1024,
 ) -> None:
     """Run a node that serves deployed apps (see `dockyard deploy`) until SIGTERM."""
+    from ..durations import parse_span
     from ..node.paths import default_data_dir
     from ..settings import NodeSettings
     from .serve import parse_address, run_serve
@@ -127,6 +143,8 @@ def serve(
             tls_key=tls_key,
             admin_tls_cert=admin_tls_cert,
             admin_tls_key=admin_tls_key,
+            log_retention=parse_span(log_retention, where="--log-retention"),
+            log_max_bytes=log_max_size * 1024 * 1024,
         )
         return run_serve(settings)
 
@@ -162,6 +180,9 @@ def _register_subcommands() -> None:
     except ImportError:  # the deploy commands are being written (cli/platform.py)
         return
     register(app)
+    from .observe import register as register_observe
+
+    register_observe(app)
 
 
 _register_subcommands()

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 import sys
 from pathlib import Path
 
+from aiohttp import web
 from rich.console import Console
 from rich.logging import RichHandler
 
 from .._limits import raise_open_file_limit
 from ..app import App
 from ..gateway.server import Gateway
+from ..observe.dashboard import make_dashboard
+from ..observe.local import LocalDashboardSource, LocalObservation
+from ..observe.metrics import CONTENT_TYPE
 from ..settings import ContainerSettings, ObjectSettings, Settings
 from ..watchdog import LoopWatchdog
 
 console = Console(stderr=True)
 log = logging.getLogger("dockyard.dev")
 
+# The dashboard's login token, kept on its application.
+_TOKEN = web.AppKey("token", str)
 # Reload quickly after an edit, but let an editor's burst of writes settle first.
 RELOAD_DEBOUNCE_MS = 150
 
@@ -50,6 +57,7 @@ def run_dev(
     object_idle_timeout: float = 70.0,
     access_log: bool = True,
     debug_errors: bool = False,
+    dashboard: tuple[str, int] | None = None,
 ) -> int:
     configure_logging(access_log=access_log)
     settings = Settings(
@@ -57,7 +65,7 @@ def run_dev(
         containers=ContainerSettings(debug_errors=debug_errors),
     )
     app = App(directory, config_path=config_path, settings=settings)
-    serve = _serve(app, port=port, ip=ip)
+    serve = _serve(app, port=port, ip=ip, dashboard=dashboard)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - platforms without uvloop
@@ -65,7 +73,9 @@ def run_dev(
     return uvloop.run(serve)
 
 
-async def _serve(app: App, *, port: int | None, ip: str | None) -> int:
+async def _serve(
+    app: App, *, port: int | None, ip: str | None, dashboard: tuple[str, int] | None = None
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -80,8 +90,17 @@ async def _serve(app: App, *, port: int | None, ip: str | None) -> int:
         log.warning("%s", warning)
     # Connections, container connections and object databases each hold a descriptor.
     raise_open_file_limit()
+    observation: LocalObservation | None = None
     try:
         await app.start()
+        # After start: the state folder is locked, so its log store is this process's.
+        observation = LocalObservation(
+            app.state_dir,
+            app.containers.runtime if app.containers is not None else None,
+            app.owner,
+        )
+        app.observe(observation.sink)
+        await observation.start()
         gateway = Gateway(
             app.handle,
             host=ip or app.config.dev.ip,
@@ -89,23 +108,67 @@ async def _serve(app: App, *, port: int | None, ip: str | None) -> int:
             limits=app.settings.gateway,
         )
         bound = await gateway.start()
+        panel: web.AppRunner | None = None
         try:
+            if dashboard is not None:
+                panel = await _open_dashboard(app, observation, dashboard)
+            # Watching before "Ready": an edit made as soon as it shows is seen.
+            watcher = asyncio.create_task(_watch(app, stop))
+            await asyncio.sleep(0)
             console.print(
                 f"[bold green]Ready[/] {app.config.name} on http://{gateway.host}:{bound}",
                 highlight=False,
             )
-            watcher = asyncio.create_task(_watch(app, stop))
+            if panel is not None:
+                host, port = panel.addresses[0][:2]
+                console.print(
+                    f"Dashboard on http://{host}:{port}/ui/ (token [bold]{panel.app[_TOKEN]}[/]), "
+                    f"metrics on http://{host}:{port}/metrics",
+                    highlight=False,
+                )
             await stop.wait()
             console.print("Shutting down…")
             await watcher
         finally:
+            if panel is not None:
+                await panel.cleanup()
             await gateway.stop()
     finally:
         try:
             await app.stop()
         finally:
-            watchdog.stop()
+            try:
+                if observation is not None:
+                    await observation.aclose()
+            finally:
+                watchdog.stop()
     return 0
+
+
+async def _open_dashboard(
+    app: App, observation: LocalObservation, address: tuple[str, int]
+) -> web.AppRunner | None:
+    """The dashboard (``/ui/``) and ``/metrics`` on their own listener; a port in use
+    costs the dashboard, not the dev server."""
+    token = secrets.token_urlsafe(16)
+    root = web.Application()
+    root[_TOKEN] = token  # printed with the address once dev is ready
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=app.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    root.add_routes([web.get("/metrics", metrics)])
+    root.add_subapp("/ui", make_dashboard(LocalDashboardSource(app, observation, token)))
+    runner = web.AppRunner(root, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, *address)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        log.warning("No dashboard: %s:%s cannot be used (%s); see --dashboard", *address, exc)
+        return None
+    return runner
 
 
 async def _watch(app: App, stop: asyncio.Event) -> None:

@@ -9,7 +9,8 @@ middlewares sit in front of every route:
   the log under the same id, so an operator can find what a user saw.
 - auth: ``Authorization: Bearer <token>``. No or an unknown token is 401 with
   ``WWW-Authenticate: Bearer realm="dockyard"``; a "read" token on POST/PUT/DELETE is
-  403. ``/api/v1/health`` is open; ``/v2/`` does its own (registry) auth.
+  403. ``/api/v1/health`` is open; ``/metrics`` needs a token like the API; ``/v2/``
+  does its own (registry) auth, and the dashboard (``/ui/``) its own session login.
 
 Routes are thin: they parse a model from models.py, call the node (``NodeControl``) or the
 deploy flows (deploys.py), and answer a model. docs/api.md lists them all. (Over 400
@@ -169,7 +170,7 @@ class _Api:
     @web.middleware
     async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if path in _OPEN_PATHS or not path.startswith(API_PREFIX + "/"):
+        if path in _OPEN_PATHS or not (path.startswith(API_PREFIX + "/") or path == "/metrics"):
             return await handler(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         scope = self.node.tokens.scope(token.strip()) if scheme.lower() == "bearer" else None
@@ -381,7 +382,7 @@ class _Api:
 
     async def stop_container(self, request: web.Request) -> web.Response:
         info = await self._container(request)
-        await self.node.runtime.stop(info.id)
+        await self.node.stop_container(info)
         log.info("Container %s of %s stopped by the API", info.id, info.labels["dockyard.app"])
         return _json(StoppedOut(id=info.id))
 
@@ -424,6 +425,7 @@ class _Api:
 
     async def rotate_token(self, request: web.Request) -> web.Response:
         token = self.node.tokens.rotate()
+        self.node.tokens_rotated()
         log.info("Admin token rotated; every earlier token is revoked")
         return _json(TokenOut(token=token))
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DockyardError
+from ..observe.records import LogRecord, LogSink
 
 __all__ = ["AppEndpoint", "AppProcesses", "Instance", "Launch", "process_dir"]
 
@@ -57,6 +58,14 @@ RESTART_MAX = 30.0
 RESTART_RESET_AFTER = 60.0
 # The child's stderr lines kept for the message when it dies before it is ready.
 TAIL_LINES = 20
+# The child logs "LEVEL name: message" (child._configure_logging).
+_LEVELS = {
+    "DEBUG": "debug",
+    "INFO": "info",
+    "WARNING": "warning",
+    "ERROR": "error",
+    "CRITICAL": "error",
+}
 _PR_SET_PDEATHSIG = 1
 # sun_path is 108 bytes, with its terminating NUL.
 _MAX_SOCKET_PATH = 107
@@ -130,6 +139,8 @@ class Instance:
     image: str | None
     idle_seconds: float
     inflight: int
+    # A start is under way (the container is created, or waits for its ports).
+    starting: bool = False
 
 
 def process_dir(run_dir: Path, pid: int) -> Path:
@@ -145,9 +156,11 @@ class _Child:
         launch: Launch,
         proc: asyncio.subprocess.Process,
         on_exit: Callable[[_Child, int], None],
+        sink: LogSink | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.launch = launch
+        self.sink = sink
         self.proc = proc
         self.pid = proc.pid
         self.dir = process_dir(Path(launch.run_dir), proc.pid)
@@ -186,9 +199,47 @@ class _Child:
             line = raw.decode(errors="replace").rstrip()
             if events and line.startswith('{"event"') and self._event(line):
                 continue
+            if events and line.startswith('{"log"') and self._record(line):
+                continue
             if not events:
                 self.tail.append(line)
             log.info("%s[%d]: %s", self.launch.app, self.pid, line)
+            if self.sink is not None:
+                self.sink.emit(self._worker_line(line, stderr=not events))
+
+    def _record(self, line: str) -> bool:
+        """A platform event from the app process (its containers): stored as the app's,
+        whatever app name the line claims."""
+        try:
+            data = json.loads(line)["log"]
+            record = LogRecord.from_dict(data)
+        except (ValueError, KeyError, TypeError):
+            return False
+        log.info("%s[%d]: %s", self.launch.app, self.pid, record.message)
+        if self.sink is not None:
+            self.sink.emit(
+                dataclasses.replace(
+                    record, app=self.launch.app, version=self.launch.version, source="platform"
+                )
+            )
+        return True
+
+    def _worker_line(self, line: str, *, stderr: bool) -> LogRecord:
+        """What the worker printed (stdout) or logged (stderr, as "LEVEL name: message")."""
+        level = "info"
+        if stderr:
+            head, _, rest = line.partition(" ")
+            named = _LEVELS.get(head)
+            if named is not None:
+                level, line = named, rest
+        return LogRecord(
+            app=self.launch.app,
+            message=line,
+            source="worker",
+            stream="stderr" if stderr else "stdout",
+            level=level,
+            version=self.launch.version,
+        )
 
     def _event(self, line: str) -> bool:
         try:
@@ -331,8 +382,11 @@ class AppProcesses:
         *,
         restart_initial: float = RESTART_INITIAL,
         restart_max: float = RESTART_MAX,
+        sink: LogSink | None = None,
     ) -> None:
+        """``sink`` receives what app processes print and log, and their platform events."""
         self.on_exit = on_exit
+        self.sink = sink
         self.restart_initial = restart_initial
         self.restart_max = restart_max
         self._slots: dict[str, _Slot] = {}
@@ -360,6 +414,21 @@ class AppProcesses:
     async def instances(self, app: str) -> list[Instance]:
         rows = await self._current(app).control("GET", "/instances")
         return [Instance(**row) for row in rows]
+
+    async def stop_container(self, app: str, container_id: str, *, destroy: bool) -> bool:
+        """Stop one of the app's containers through the object that owns it (so its end
+        reads as a stop); False when its process runs no such container."""
+        if self.endpoint(app) is None:
+            return False
+        body = {"id": container_id, "destroy": destroy}
+        # Within the stop grace the process waits for; the control call's own limit.
+        answer = await self._current(app).control("POST", "/stop", body, within=120.0)
+        return bool(answer.get("stopped")) if isinstance(answer, dict) else False
+
+    async def metrics(self, app: str) -> str:
+        """The app process's Prometheus exposition (observe.metrics.AppMetrics)."""
+        answer = await self._current(app).control("GET", "/metrics", within=5.0)
+        return str(answer["text"]) if isinstance(answer, dict) else ""
 
     async def replace(self, app: str, class_name: str, object_id: str) -> bool:
         child = self._current(app)
@@ -489,7 +558,7 @@ class AppProcesses:
                 f"app {launch.app!r}: cannot run {launch.python} as {who}: {exc.strerror}"
                 " (the interpreter and its folders must be readable by app uids)"
             ) from exc
-        child = _Child(launch, proc, self._exited)
+        child = _Child(launch, proc, self._exited, self.sink)
         self._live.add(child)
         assert proc.stdin is not None
         try:

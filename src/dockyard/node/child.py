@@ -43,6 +43,7 @@ from ..errors import DockyardError
 from ..gateway.handoff import HandoffServer
 from ..gateway.server import Gateway
 from ..http import Request, Response
+from ..observe.records import LogRecord
 from ..settings import Settings
 from ..watchdog import LoopWatchdog
 from ..worker import load_worker
@@ -105,6 +106,7 @@ class Child:
                 image_overrides=launch.images,
                 vars=launch.vars,
                 secrets=launch.secrets,
+                sink=_StdoutSink(),
             )
             # Before a previous process is told to stop: a version whose worker does not
             # import never takes over. (App.start imports it again.)
@@ -207,6 +209,8 @@ class Child:
                 web.get("/instances", self._started(self._instances)),
                 web.post("/reload", self._started(self._reload)),
                 web.post("/replace", self._started(self._replace)),
+                web.get("/metrics", self._started(self._metrics)),
+                web.post("/stop", self._started(self._stop_container)),
             ]
         )
         return app
@@ -236,6 +240,14 @@ class Child:
 
     async def _instances(self, request: web.Request, app: App) -> web.Response:
         return web.json_response(app.instances())
+
+    async def _stop_container(self, request: web.Request, app: App) -> web.Response:
+        body = await request.json()
+        stopped = await app.stop_container(str(body["id"]), destroy=bool(body.get("destroy")))
+        return web.json_response({"stopped": stopped})
+
+    async def _metrics(self, request: web.Request, app: App) -> web.Response:
+        return web.json_response({"text": app.metrics.render().decode()})
 
     async def _reload(self, request: web.Request, app: App) -> web.Response:
         try:
@@ -268,6 +280,14 @@ def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
     else:
         future.set_result(None)
+
+
+class _StdoutSink:
+    """Platform events to the node, one ``{"log": ...}`` line each on stdout."""
+
+    def emit(self, record: LogRecord) -> None:
+        sys.stdout.write('{"log":' + record.to_json() + "}\n")
+        sys.stdout.flush()
 
 
 def _emit(event: str) -> None:

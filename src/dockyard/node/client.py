@@ -379,6 +379,26 @@ class NodeClient(AsyncClosing):
             if pending:
                 yield pending.decode("utf-8", "replace")
 
+    async def logs(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Stored log records matching ``params`` (the query of GET /logs), oldest first."""
+        return [
+            dict(r) for r in _items(await self._request("GET", "/logs", params=params), "records")
+        ]
+
+    async def tail(self, params: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """Log records as they come (GET /logs/tail), until the caller stops reading."""
+        async with self._open("GET", "/logs/tail", params=params) as response:
+            pending = b""
+            async for chunk in response.content.iter_any():
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if line.strip():  # blank lines keep the connection open
+                        yield json.loads(line)
+
+    async def usage(self, params: Mapping[str, str]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("GET", "/usage", params=params)
+        return result
+
     async def exec(self, container_id: str, cmd: list[str]) -> dict[str, Any]:
         """{"exit_code", "stdout", "stderr"} of a command run to its end."""
         result: dict[str, Any] = await self._request(

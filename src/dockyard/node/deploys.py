@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..config import Config, load_config
-from ..containers.runtime import ContainerRuntime
+from ..containers.runtime import ContainerInfo, ContainerRuntime
 from ..errors import ConfigError, DockyardError
 from .bundle import BundleExists, unpack
 from .paths import NodePaths, validate_app_name
@@ -161,6 +161,14 @@ class NodeControl(Protocol):
     async def activate(self, app: str, number: int, strategy: str) -> RolloutRecord | None: ...
 
     async def delete_app(self, app: str) -> None: ...
+
+    async def stop_container(self, info: ContainerInfo) -> None:
+        """An operator's stop of one of the node's containers."""
+        ...
+
+    def tokens_rotated(self) -> None:
+        """Every token was replaced: end what was opened with the old ones."""
+        ...
 
     def run_ref(self, image: str) -> str: ...
 

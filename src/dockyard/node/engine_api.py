@@ -24,6 +24,7 @@ The policy, enforced here and nowhere else:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -76,7 +77,9 @@ MAX_LOG_FILES = 10
 # are cut after it, and their clients see the node go away (EngineUnavailable).
 CLOSE_GRACE = 1.0
 
-_APP_SETTABLE = frozenset({labels.CLASS, labels.OBJECT, labels.NAME, labels.VERSION})
+# VCPU is informative (CPU is metered from the cgroup); memory and disk sizes are billed,
+# so the node writes those labels itself from the limits it enforces.
+_APP_SETTABLE = frozenset({labels.CLASS, labels.OBJECT, labels.NAME, labels.VERSION, labels.VCPU})
 # The engine's default set: an app may take back what Dockyard drops, nothing beyond.
 _ENGINE_DEFAULT_CAPS = frozenset(
     {
@@ -157,9 +160,18 @@ class _Served:
 class EngineApi(AsyncClosing):
     """Serves each app's engine socket over one `runtime`, for the node `owner`."""
 
-    def __init__(self, runtime: ContainerRuntime, owner: str) -> None:
+    def __init__(
+        self,
+        runtime: ContainerRuntime,
+        owner: str,
+        *,
+        before_stop: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        """``before_stop(container_id)`` runs before a stop or kill goes to the engine
+        (the meter takes its last reading of the container then)."""
         self.runtime = runtime
         self.owner = owner
+        self.before_stop = before_stop
         self._served: dict[str, _Served] = {}
         self._host: EngineInfo | None = None
 
@@ -305,6 +317,8 @@ class _AppEngine:
             if key.startswith(labels.RESERVED_PREFIX) and key not in (
                 *self.forced,
                 *_APP_SETTABLE,
+                labels.MEMORY_MIB,
+                labels.DISK_MB,
             ):
                 raise StartFailed(f"Label {key!r} is reserved to the node")
         extra_caps = {cap.upper().removeprefix("CAP_") for cap in spec.cap_add}
@@ -331,9 +345,13 @@ class _AppEngine:
         # App names have no "_", so "<app>_" prefixes never collide between apps.
         if name is not None and not name.startswith(f"{self.app}_"):
             name = f"{self.app}_{name}"
+        sizes = {
+            labels.MEMORY_MIB: str(memory or host.memory_bytes // _MIB),
+            labels.DISK_MB: str(spec.disk_mb or 0),
+        }
         return dataclasses.replace(
             spec,
-            labels={**spec.labels, **self.forced},
+            labels={**spec.labels, **self.forced, **sizes},
             vcpu=vcpu,
             memory_mib=memory,
             pids_limit=pids,
@@ -390,7 +408,17 @@ class _AppEngine:
 
     async def stop(self, args: _Stop) -> None:
         info = await self._own(args, "stop a container")
+        await self._before_stop(info.id)
         await self.runtime.stop(info.id, args.grace_period)
+
+    async def _before_stop(self, container_id: str) -> None:
+        hook = self.api.before_stop
+        if hook is None:
+            return
+        try:
+            await asyncio.wait_for(hook(container_id), 2.0)
+        except Exception as exc:  # a reading lost is no reason to refuse a stop
+            log.warning("Before stopping %s: %s", container_id[:12], exc)
 
     async def pause(self, args: _Target) -> None:
         await self.runtime.pause((await self._own(args, "pause a container")).id)
@@ -405,7 +433,9 @@ class _AppEngine:
         await self.runtime.set_cpu_limit(info.id, vcpu)
 
     async def kill(self, args: _Target) -> None:
-        await self.runtime.kill((await self._own(args, "kill a container")).id)
+        info = await self._own(args, "kill a container")
+        await self._before_stop(info.id)
+        await self.runtime.kill(info.id)
 
     async def remove(self, args: _Target) -> None:
         info = await self._find(args.container_id)

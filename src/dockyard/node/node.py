@@ -29,14 +29,24 @@ from pathlib import Path
 from typing import IO, Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from ..containers.runtime import ContainerRuntime
+from ..containers import labels
+from ..containers.runtime import ContainerInfo, ContainerObservation, ContainerRuntime
 from ..errors import DockyardError
+from ..observe.dashboard import logout_everyone, make_dashboard
+from ..observe.logstore import LogStore
+from ..observe.metrics import NodeCollector, merge_expositions
+from ..observe.records import LogRecord
+from ..observe.usage import UsageMeter
+from ..observe.watch import EngineWatcher
 from ..settings import NodeSettings
-from .api import make_admin_app
+from .api import API_PREFIX, make_admin_app
 from .appproc import AppEndpoint, AppProcesses, Launch
+from .dashboard_source import NodeDashboardSource
 from .engine_api import EngineApi
 from .interpreter import app_interpreter
+from .observe_api import add_observe_routes
 from .paths import NodePaths
 from .registry import Registry
 from .rollout import Rollouts
@@ -48,6 +58,9 @@ from .tokens import Tokens
 __all__ = ["Node"]
 
 log = logging.getLogger("dockyard.node")
+
+# The dashboard's place on the admin listener.
+DASHBOARD_PREFIX = "/ui"
 
 
 class Node:
@@ -73,6 +86,11 @@ class Node:
         self.first_token: str | None = None
         self._python: str | None = None
         self._engine_open: set[str] = set()
+        self._logs: LogStore | None = None
+        self._usage: UsageMeter | None = None
+        self._watcher: EngineWatcher | None = None
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self._dashboard: web.Application | None = None
 
     # The parts, once started (the API reaches them through these).
 
@@ -94,6 +112,16 @@ class Node:
     def runtime(self) -> ContainerRuntime:
         assert self._runtime is not None, "Node.start() was not called"
         return self._runtime
+
+    @property
+    def logs(self) -> LogStore:
+        assert self._logs is not None, "Node.start() was not called"
+        return self._logs
+
+    @property
+    def usage(self) -> UsageMeter:
+        assert self._usage is not None, "Node.start() was not called"
+        return self._usage
 
     @property
     def processes(self) -> AppProcesses:
@@ -122,15 +150,29 @@ class Node:
             from ..containers.docker import DockerRuntime
 
             self._runtime = DockerRuntime(request_timeout=5.0)
+        await self._start_observing()
         self._registry = Registry(self.paths.registry_dir)
         await self._registry.start()
-        self._engine_api = EngineApi(self.runtime, self.owner)
+        self._engine_api = EngineApi(self.runtime, self.owner, before_stop=self.usage.read_now)
         self._processes = AppProcesses(
-            restart_initial=self.settings.restart_initial, restart_max=self.settings.restart_max
+            restart_initial=self.settings.restart_initial,
+            restart_max=self.settings.restart_max,
+            sink=self.logs,
         )
-        self._rollouts = Rollouts(self.store, self._processes, run_ref=self.run_ref)
+        self._rollouts = Rollouts(self.store, self._processes, run_ref=self.run_ref, sink=self.logs)
+        self.metrics.register(
+            NodeCollector(
+                rollouts=self.rollouts.in_progress,
+                containers=self._container_readings,
+                logs=self._log_statistics,
+            )
+        )
 
-        self._admin = web.AppRunner(make_admin_app(self), access_log=None)
+        admin = make_admin_app(self)
+        add_observe_routes(admin, self, API_PREFIX)
+        self._dashboard = make_dashboard(NodeDashboardSource(self), prefix=DASHBOARD_PREFIX)
+        admin.add_subapp(DASHBOARD_PREFIX, self._dashboard)
+        self._admin = web.AppRunner(admin, access_log=None)
         await self._admin.setup()
         host, port = self.settings.admin
         site = web.TCPSite(
@@ -176,6 +218,14 @@ class Node:
             await self._admin.cleanup()
         if self._registry is not None:
             await self._registry.stop()
+        # After the app processes: their containers' last lines and readings come in
+        # while they stop.
+        if self._watcher is not None:
+            await self._watcher.aclose()
+        if self._usage is not None:
+            await self._usage.aclose()
+        if self._logs is not None:
+            await self._logs.aclose()
         if self._runtime is not None:
             await self._runtime.aclose()
         if self._store is not None:
@@ -183,6 +233,90 @@ class Node:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    async def _start_observing(self) -> None:
+        """The log store, the meter and the engine watcher that feeds both: before any app
+        runs, so no container line or run goes unrecorded."""
+        settings = self.settings
+        self._logs = LogStore(
+            self.paths.logs_db,
+            retention_seconds=settings.log_retention,
+            max_bytes=settings.log_max_bytes,
+        )
+        await self._logs.start()
+        runtime = self.runtime
+        if not isinstance(runtime, ContainerObservation):
+            raise DockyardError("the container engine cannot be observed (events, stats)")
+        mine = {labels.OWNER: self.owner}
+        self._usage = UsageMeter(
+            self.paths.usage_db, runtime, mine, interval=settings.usage_interval
+        )
+        await self._usage.start()
+        self._watcher = EngineWatcher(
+            runtime,
+            mine,
+            self._logs,
+            on_event=self._usage.on_event,
+            cursor=self.paths.log_cursor,
+            delivered=self._logs.newest_lines,
+        )
+        await self._watcher.start()
+
+    def _container_readings(self) -> list[dict[str, Any]]:
+        """Per app and class: CPU seconds and egress over every metered run, memory now."""
+        readings: dict[tuple[str, str], dict[str, Any]] = {}
+        for app in self.store.list_apps():
+            for row in self.usage.usage(app=app.name, by="class"):
+                readings[(app.name, row.key)] = {
+                    "app": app.name,
+                    "class_name": row.key,
+                    "cpu_seconds": row.vcpu_seconds,
+                    "tx_bytes": row.egress_bytes,
+                    "memory_bytes": 0,
+                }
+        for live in self.usage.live():
+            key = (str(live.get("app", "")), str(live.get("class_name", "")))
+            entry = readings.setdefault(
+                key, {"app": key[0], "class_name": key[1], "cpu_seconds": 0.0, "tx_bytes": 0}
+            )
+            entry["memory_bytes"] = entry.get("memory_bytes", 0) + int(
+                live.get("memory_bytes") or 0
+            )
+        return list(readings.values())
+
+    def _log_statistics(self) -> dict[str, int]:
+        stats = self.logs.statistics()
+        return {
+            "records": int(getattr(stats, "rows", 0)),
+            "bytes": int(getattr(stats, "bytes", 0)),
+            "dropped": int(getattr(stats, "dropped", 0)),
+        }
+
+    async def metrics_text(self) -> bytes:
+        """``/metrics``: the node's series and every serving app process's."""
+        apps = [app.name for app in self.store.list_apps() if self.processes.endpoint(app.name)]
+        texts = await asyncio.gather(
+            *(self.processes.metrics(app) for app in apps), return_exceptions=True
+        )
+        for app, text in zip(apps, texts, strict=True):
+            if isinstance(text, BaseException):
+                log.warning("No metrics from app %s: %s", app, text)
+        return merge_expositions(self.metrics, [t for t in texts if isinstance(t, str)])
+
+    def record(self, app: str, event: str, message: str, **fields: Any) -> None:
+        """A platform event of the node's own (a deploy)."""
+        if self._logs is not None:
+            self._logs.emit(
+                LogRecord(
+                    app=app,
+                    message=message,
+                    source="platform",
+                    stream="event",
+                    event=event,
+                    version=fields.get("version"),
+                    fields=fields,
+                )
+            )
 
     def _check_reachable_by_apps(self) -> None:
         """App processes run as their own uids and must reach their folders in the data
@@ -267,6 +401,13 @@ class Node:
         await self._run(record, version)
         self.store.set_active_version(app, number)
         self._set_routes(app, version)
+        self.record(
+            app,
+            "deploy",
+            f"version {number} is live" + (f" (was {previous.number})" if previous else ""),
+            version=number,
+            images=dict(version.images),
+        )
         if previous is None or strategy == "none":
             return None
         changed = sorted(
@@ -287,6 +428,22 @@ class Node:
         self._set_routes(app, None)
         shutil.rmtree(self.paths.app_dir(app), ignore_errors=True)
         shutil.rmtree(self.paths.app_run_dir(app), ignore_errors=True)
+
+    def tokens_rotated(self) -> None:
+        """Dashboard sessions were opened with an old token: they end too."""
+        if self._dashboard is not None:
+            logout_everyone(self._dashboard)
+
+    async def stop_container(self, info: ContainerInfo, *, destroy: bool = False) -> None:
+        """Through the object that owns it, so its end is recorded as a stop (not an exit)
+        and its requests drain; the engine directly for a container no app process runs."""
+        app = info.labels.get(labels.APP, "")
+        if await self.processes.stop_container(app, info.id, destroy=destroy):
+            return
+        if destroy:
+            await self.runtime.kill(info.id)
+        else:
+            await self.runtime.stop(info.id, self.settings.container_stop_grace)
 
     async def _run_active(self, app: AppRecord) -> None:
         assert app.active_version is not None

@@ -6,6 +6,7 @@
         serve.lock                held by the running ``dockyard serve``
         registry/           0700  the registry's config.yml and storage/
         uploads/            0700  bundles being uploaded, one file per deploy id
+        observe/            0700  logs.db (log store), usage.db (metering), logs.cursor
         apps/               0711  apps/<app>/state (the app's storage), bundles/<hash> (its code)
         run/                0711  run/<app>/*.sock (hand-off, http, control, engine)
 
@@ -82,6 +83,22 @@ class NodePaths:
         return self.root / "serve.lock"
 
     @property
+    def observe_dir(self) -> Path:
+        return self.root / "observe"
+
+    @property
+    def logs_db(self) -> Path:
+        return self.observe_dir / "logs.db"
+
+    @property
+    def usage_db(self) -> Path:
+        return self.observe_dir / "usage.db"
+
+    @property
+    def log_cursor(self) -> Path:
+        return self.observe_dir / "logs.cursor"
+
+    @property
     def apps_dir(self) -> Path:
         return self.root / "apps"
 
@@ -112,6 +129,7 @@ class NodePaths:
             (self.run_dir, _TRAVERSE),
             (self.registry_dir, _PRIVATE),
             (self.uploads_dir, _PRIVATE),
+            (self.observe_dir, _PRIVATE),
         ):
             directory.mkdir(mode=mode, exist_ok=True)
             os.chmod(directory, mode)

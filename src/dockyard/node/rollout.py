@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import DockyardError, InvalidArgument
+from ..observe.records import LogRecord, LogSink
 from .store import NodeStore, RolloutRecord, VersionRecord
 
 __all__ = [
@@ -236,7 +237,9 @@ class Rollouts:
         retry_delays: Sequence[float] = (0.5, 2.0, 5.0),
         parallel: int = 4,
         close_timeout: float = 10.0,
+        sink: LogSink | None = None,
     ) -> None:
+        self._sink = sink  # where each step and the end are recorded (platform events)
         self._store = store
         self._processes = processes
         self._run_ref = run_ref
@@ -418,6 +421,16 @@ class Rollouts:
                 return
             record.step += 1
             self._save(run)
+            self._record(
+                run,
+                "rollout.step",
+                f"rollout to version {record.version}: step {record.step} of "
+                f"{len(record.steps)} ({percent} %), {len(record.replaced)} of {record.total} "
+                "instances replaced",
+                step=record.step,
+                replaced=len(record.replaced),
+                total=record.total,
+            )
             if self.step_pause > 0 and record.step < len(record.steps):
                 await asyncio.sleep(self.step_pause)
         self._finish(run, "done", None)
@@ -510,10 +523,35 @@ class Rollouts:
             return True if result is None else result
         raise AssertionError("unreachable")
 
+    def in_progress(self) -> int:
+        """Rollouts running now (for /metrics)."""
+        return sum(1 for run in self._runs.values() if run.record.state == "running")
+
+    def _record(self, run: _Run, event: str, message: str, **fields: object) -> None:
+        if self._sink is not None and not run.superseded:
+            self._sink.emit(
+                LogRecord(
+                    app=run.record.app,
+                    message=message,
+                    source="platform",
+                    stream="event",
+                    level="error" if fields.get("status") == "failed" else "info",
+                    version=run.record.version,
+                    event=event,
+                    fields={"version": run.record.version, **fields},
+                )
+            )
+
     def _finish(self, run: _Run, state: str, error: str | None) -> None:
         run.record.state = state
         run.record.error = error
         self._save(run)
+        self._record(
+            run,
+            "rollout.done",
+            f"rollout to version {run.record.version} {state}" + (f": {error}" if error else ""),
+            status=state,
+        )
         if error is not None:
             log.error("Rollout of %s v%s failed: %s", run.record.app, run.record.version, error)
 

@@ -257,6 +257,30 @@ class LogStore:
             rows = self._connection().execute(sql, (*params, max(0, q.limit))).fetchall()
         return [_record(row) for row in reversed(rows)]
 
+    def newest_lines(self, since: float) -> dict[str, tuple[float, int]]:
+        """Per container with lines stored at or after ``since``: the time of its newest
+        committed line and how many lines it has at exactly that time. What the engine
+        watcher resumes from after a crash: the store, not its cursor, knows what was
+        kept (a line delivered but not committed is read again, none is stored twice)."""
+        with self._reader_lock:
+            db = self._connection()
+            newest = db.execute(
+                "SELECT container_id, max(time) FROM logs WHERE source = 'container' "
+                "AND container_id != '' AND time >= ? GROUP BY container_id",
+                (since,),
+            ).fetchall()
+            return {
+                cid: (
+                    at,
+                    db.execute(
+                        "SELECT count(*) FROM logs WHERE container_id = ? AND time = ? "
+                        "AND source = 'container'",
+                        (cid, at),
+                    ).fetchone()[0],
+                )
+                for cid, at in newest
+            }
+
     def statistics(self) -> LogStoreStatistics:
         with self._reader_lock:
             db = self._connection()

@@ -123,6 +123,7 @@ class EngineWatcher(AsyncClosing):
         *,
         on_event: Callable[[ContainerEvent], None] | None = None,
         cursor: Path | None = None,
+        delivered: Callable[[float], Mapping[str, tuple[float, int]]] | None = None,
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
         save_interval: float = 1.0,
@@ -132,6 +133,9 @@ class EngineWatcher(AsyncClosing):
         self._sink = sink
         self._on_event = on_event
         self._cursor = _Cursor(Path(cursor) if cursor is not None else None)
+        # What the sink already holds, per container (LogStore.newest_lines): read at
+        # start, it makes a crash neither lose nor repeat a line the sink kept.
+        self._delivered = delivered
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._save_interval = save_interval
@@ -157,6 +161,13 @@ class EngineWatcher(AsyncClosing):
         self._started = True
         await asyncio.to_thread(self._cursor.load)
         self._unwatched_since = self._cursor.saved_at
+        if self._delivered is not None and self._cursor.saved_at is not None:
+            # The sink knows better than a cursor saved up to a second ago: resume each
+            # container that printed since (with a margin) from what the sink kept.
+            since = self._cursor.saved_at - 60.0
+            kept = await asyncio.to_thread(self._delivered, since)
+            for container_id, (at, count) in kept.items():
+                self._cursor.marks[container_id] = [at, float(count)]
         self._own(self._watch_engine())
         if self._cursor.path is not None:
             self._own(self._save_periodically())
