@@ -9,6 +9,7 @@ import pytest
 
 from dockyard.objects import AlarmInfo, DurableObject, ObjectHost
 from dockyard.objects.alarms import retry_delay
+from dockyard.observe.records import LogRecord
 from tests.support.objects_helpers import wait_for
 
 
@@ -100,6 +101,29 @@ async def test_failing_alarm_is_retried_with_backoff_then_dropped(
         assert [i.retry_count for i in broken] == [0, 1, 2, 3, 4, 5, 6]
         dropped = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert len(dropped) == 1 and "failed 7 times, dropping it" in dropped[0].getMessage()
+
+
+async def test_failed_alarm_runs_are_platform_events(tmp_path: Path) -> None:
+    events: list[LogRecord] = []
+
+    class Sink:
+        def emit(self, record: LogRecord) -> None:
+            events.append(record)
+
+    async with ObjectHost(tmp_path, app="t") as host:
+        host.alarms.retry_base = 0.01
+        host.alarms.app, host.alarms.sink = "t", Sink()
+        host.set_class("Alarmed", Alarmed)
+        Alarmed.failures_left = {"flaky": 2}
+        await host.namespace("Alarmed").get_by_name("flaky").schedule(0)
+        await wait_for(lambda: host.statistics().pending_alarms == 0, within=10)
+    assert [(e.event, e.fields["attempt"], e.fields["dropped"]) for e in events] == [
+        ("alarm.retry", 1, False),
+        ("alarm.retry", 2, False),
+    ]
+    assert {(e.app, e.class_name, e.object_name, e.level) for e in events} == {
+        ("t", "Alarmed", "flaky", "warning")
+    }
 
 
 async def test_alarms_wait_for_their_class(tmp_path: Path) -> None:

@@ -81,6 +81,8 @@ class App:
         self.containers: ContainerManager | None = None
         self.metrics = AppMetrics(self.config.name)
         self.sink: LogSink = _Both(self.metrics, sink) if sink is not None else self.metrics
+        self.host.alarms.app = self.config.name
+        self.host.alarms.sink = self.sink
         if self.config.containers:
             if runtime is None:
                 from .containers.docker import DockerRuntime
@@ -115,6 +117,7 @@ class App:
         """Send the platform events to ``sink`` too (what the constructor's ``sink`` does,
         for a caller that needs the app, its state folder or its engine, to make one)."""
         self.sink = _Both(self.metrics, sink)
+        self.host.alarms.sink = self.sink
         if self.containers is not None:
             self.containers.sink = self.sink
 

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..observe.records import LogRecord, LogSink
 from .files import private_dir, private_file
 
 __all__ = ["AlarmInfo", "AlarmScheduler", "AlarmSlot", "retry_delay"]
@@ -123,6 +124,9 @@ class AlarmScheduler:
         self._seq = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Where failed runs are recorded (platform events "alarm.retry"), and for which app.
+        self.sink: LogSink | None = None
+        self.app = ""
         self._firing: set[asyncio.Task[None]] = set()
         self.retry_base = RETRY_BASE_SECONDS
         self.max_retries = MAX_RETRIES
@@ -223,6 +227,31 @@ class AlarmScheduler:
             task.add_done_callback(self._firing.discard)
         return None
 
+    def _record(self, alarm: _Alarm, attempt: int, error: BaseException, *, dropped: bool) -> None:
+        """A platform event for the log store: the failed run, and whether it is retried."""
+        if self.sink is None:
+            return
+        self.sink.emit(
+            LogRecord(
+                app=self.app,
+                message=(
+                    f"alarm of {alarm.class_name} {alarm.name or alarm.id_hex} failed "
+                    f"{attempt} times, dropping it: {error!r}"
+                    if dropped
+                    else f"alarm of {alarm.class_name} {alarm.name or alarm.id_hex} failed "
+                    f"(retry {attempt} follows): {error!r}"
+                ),
+                source="platform",
+                stream="event",
+                level="error" if dropped else "warning",
+                class_name=alarm.class_name,
+                object_id=alarm.id_hex,
+                object_name=alarm.name or "",
+                event="alarm.retry",
+                fields={"attempt": attempt, "error": type(error).__name__, "dropped": dropped},
+            )
+        )
+
     async def _fire(self, alarm: _Alarm) -> None:
         info = AlarmInfo(is_retry=alarm.retry > 0, retry_count=alarm.retry)
         key = (alarm.class_name, alarm.id_hex)
@@ -238,6 +267,7 @@ class AlarmScheduler:
             self.delete(*key)
             return
         retry = alarm.retry + 1
+        self._record(alarm, retry, error, dropped=retry > self.max_retries)
         if retry > self.max_retries:
             log.error(
                 "alarm of %s %s failed %d times, dropping it: %r",

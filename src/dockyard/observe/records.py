@@ -40,7 +40,7 @@ EVENTS = {
     # reason: Cloudflare's (exit, runtime_signal); detail: Dockyard's finer one.
     "container.stop": "exit_code, reason, detail",
     "container.oom": "exit_code",
-    "alarm.retry": "attempt, error",
+    "alarm.retry": "attempt, error, dropped",
 }
 
 
