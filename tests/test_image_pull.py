@@ -20,17 +20,17 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from dockyard.containers.docker import DockerRuntime
 from dockyard.containers.images import ensure_image
 from dockyard.containers.pulling import PullProgress, registry_auth, registry_host
 from dockyard.containers.runtime import ImagePuller
 from dockyard.errors import ImageError
-from dockyard.node.registry import Registry, registry_proxy
+from dockyard.node.registry import Registry
 from tests.support.devserver import DevServer
 from tests.support.engine import docker_cli
 from tests.support.projects import make_project
+from tests.support.registry import serving_proxy
 
 needs_registry = pytest.mark.skipif(
     not Path("/usr/bin/docker-registry").exists(), reason="needs docker-registry (scripts/setup)"
@@ -252,17 +252,8 @@ async def test_a_missing_tag_is_a_clear_error(
 @pytest_asyncio.fixture
 async def proxy(registry: Registry) -> AsyncIterator[str]:
     """The node's token-checking proxy in front of the registry, on 127.0.0.1."""
-    app = web.Application()
-    app.router.add_route("*", "/v2/{tail:.*}", registry_proxy(registry, {TOKEN: "admin"}.get))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    assert runner.addresses
-    try:
-        yield f"127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving_proxy(registry, {TOKEN: "admin"}.get) as address:
+        yield address
 
 
 @pytest.mark.docker

@@ -19,11 +19,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from dockyard.errors import DockyardError
-from dockyard.node.registry import Registry, registry_proxy
+from dockyard.node.registry import Registry
 from tests.support.engine import docker_cli, wait_until
+from tests.support.registry import serving_proxy
 
 pytestmark = pytest.mark.skipif(
     not Path("/usr/bin/docker-registry").exists(), reason="needs docker-registry (scripts/setup)"
@@ -43,17 +43,8 @@ async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
 @pytest_asyncio.fixture
 async def proxy(registry: Registry) -> AsyncIterator[str]:
     """An admin app on 127.0.0.1 that mounts the proxy as the node's API does; its address."""
-    app = web.Application()
-    app.router.add_route("*", "/v2/{tail:.*}", registry_proxy(registry, TOKENS.get))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    assert runner.addresses
-    try:
-        yield f"127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving_proxy(registry, TOKENS.get) as address:
+        yield address
 
 
 async def _status(url: str) -> int | None:
