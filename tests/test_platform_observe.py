@@ -274,3 +274,23 @@ def test_a_node_killed_mid_run_neither_loses_nor_doubles_it(node: Node, tmp_path
     assert row["runs"] == 1, rows
     # The whole life, not the part after the restart, and not twice.
     assert lived - 2.0 <= row["running_seconds"] <= lived + 1.0, (lived, row)
+
+
+def test_an_open_tail_does_not_hold_up_a_stopping_node(node: Node, tmp_path: Path) -> None:
+    """SIGTERM with `dockyard tail` connected: the tail ends and the node exits at once,
+    not after the listener's shutdown timeout."""
+    app = f"t-{secrets.token_hex(4)}"
+    (tmp_path / app).mkdir()
+    (tmp_path / app / "worker.py").write_text(
+        "from dockyard import Response\n\n\nasync def fetch(request, env, ctx):\n"
+        "    return Response('ok')\n"
+    )
+    (tmp_path / app / "wrangler.jsonc").write_text(json.dumps({"name": app, "main": "worker.py"}))
+    node.deploy(str(tmp_path / app))
+    tail = Tail(node, app)
+    tail.wait_for(lambda r: r.get("event") == "deploy", timeout=30)  # connected
+    began = time.monotonic()
+    assert node.stop() == 0
+    assert time.monotonic() - began < 20, node.output[-2000:]
+    assert tail.proc.wait(10) is not None
+    tail.close()

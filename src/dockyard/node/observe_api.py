@@ -42,6 +42,11 @@ _BY = ("app", "class", "object", "day")
 
 def add_observe_routes(app: web.Application, node: Node, prefix: str) -> None:
     routes = _Routes(node)
+
+    async def end_tails(_: web.Application) -> None:
+        routes.closing.set()  # open tails end, so the listener closes without waiting
+
+    app.on_shutdown.append(end_tails)
     app.add_routes(
         [
             web.get(f"{prefix}/logs", routes.logs),
@@ -55,6 +60,7 @@ def add_observe_routes(app: web.Application, node: Node, prefix: str) -> None:
 class _Routes:
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.closing = asyncio.Event()
 
     async def logs(self, request: web.Request) -> web.Response:
         query = log_query(request.query)
@@ -79,7 +85,7 @@ class _Routes:
                 for stored in store.query(_with_limit(query, backlog)):
                     seen.add((stored.time, stored.container_id, stored.message))
                     await response.write(_line(stored))
-            async for record in _with_keepalive(live, KEEPALIVE):
+            async for record in _with_keepalive(live, KEEPALIVE, self.closing):
                 if record is None:
                     await response.write(b"\n")
                     continue
@@ -87,7 +93,7 @@ class _Routes:
                     continue
                 seen.clear()
                 await response.write(_line(record))
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             pass  # the client left: the tail just ends
         finally:
             aclose = getattr(live, "aclose", None)
@@ -212,15 +218,21 @@ def _plain(value: Any) -> dict[str, Any]:
 
 
 async def _with_keepalive(
-    source: AsyncIterator[LogRecord], every: float
+    source: AsyncIterator[LogRecord], every: float, closing: asyncio.Event
 ) -> AsyncIterator[LogRecord | None]:
-    """The records of ``source``, and None whenever ``every`` seconds pass without one."""
+    """The records of ``source``, and None whenever ``every`` seconds pass without one,
+    until ``closing`` is set."""
     pending: asyncio.Task[LogRecord] | None = None
+    closed = asyncio.ensure_future(closing.wait())
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(source))
-            done, _ = await asyncio.wait({pending}, timeout=every)
+            done, _ = await asyncio.wait(
+                {pending, closed}, timeout=every, return_when=asyncio.FIRST_COMPLETED
+            )
+            if closed in done:
+                return
             if not done:
                 yield None
                 continue
@@ -231,7 +243,8 @@ async def _with_keepalive(
             pending = None
             yield record
     finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
+        for task in (pending, closed):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
