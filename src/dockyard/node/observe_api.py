@@ -16,15 +16,14 @@ Times (``since``, ``until``) are Unix seconds, ISO 8601, or a duration back from
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .._tasks import until_closed
 from ..errors import DockyardError
 from ..observe.metrics import CONTENT_TYPE
 from ..observe.records import LEVELS, LogQuery, LogRecord
@@ -85,7 +84,7 @@ class _Routes:
                 for stored in store.query(_with_limit(query, backlog)):
                     seen.add((stored.time, stored.container_id, stored.message))
                     await response.write(_line(stored))
-            async for record in _with_keepalive(live, KEEPALIVE, self.closing):
+            async for record in until_closed(live, self.closing, idle=KEEPALIVE):
                 if record is None:
                     await response.write(b"\n")
                     continue
@@ -215,36 +214,3 @@ def _plain(value: Any) -> dict[str, Any]:
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     return dict(json.loads(json.dumps(value, default=str)))
-
-
-async def _with_keepalive(
-    source: AsyncIterator[LogRecord], every: float, closing: asyncio.Event
-) -> AsyncIterator[LogRecord | None]:
-    """The records of ``source``, and None whenever ``every`` seconds pass without one,
-    until ``closing`` is set."""
-    pending: asyncio.Task[LogRecord] | None = None
-    closed = asyncio.ensure_future(closing.wait())
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(source))
-            done, _ = await asyncio.wait(
-                {pending, closed}, timeout=every, return_when=asyncio.FIRST_COMPLETED
-            )
-            if closed in done:
-                return
-            if not done:
-                yield None
-                continue
-            try:
-                record = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield record
-    finally:
-        for task in (pending, closed):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
