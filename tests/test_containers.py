@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from dockyard.containers.docker import DockerRuntime
 from dockyard.containers.runtime import ContainerInfo
@@ -172,6 +173,9 @@ async def test_exit_code_is_reported_and_next_request_starts_fresh(lab: Lab) -> 
         state = await wait_until(stopped, within=10)
         assert state["exit_code"] == 3
         assert await lab.rpc(dev.url + "/rpc/QUITTER/q/stops") == [[3, "exit"]]
+        # The console shows the start (with its time) and the exit, by class and object.
+        dev.wait_for(r"\[Quitter/q\] container\.start: container started in \d+ ms")
+        dev.wait_for(r"\[Quitter/q\] container\.stop: container stopped \(exit\), exit code 3")
         async with lab.session.get(dev.url + "/c/QUITTER/q/") as response:
             assert response.status == 200
         [second] = await lab.running(project)
@@ -306,6 +310,23 @@ async def test_start_failures_map_to_clear_errors(lab: Lab) -> None:
             text = await response.text()
             assert response.status == 500
             assert "Failed to start container:" in text and "exit 7" in text
+
+        # Each failure is a platform event on the console, and counted by kind.
+        dev.wait_for(r"\[Web/c\] container\.start_failed: container did not start: max_inst")
+        dev.wait_for(r"\[Broken/x\] container\.start_failed: ")
+        metrics = dev.wait_for(r"metrics on (http://\S+/metrics)").group(1)
+        async with lab.session.get(metrics) as response:
+            text = await response.text()
+        failures = {
+            (s.labels["class_name"], s.labels["reason"]): s.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "dockyard_container_start_failures"
+            for s in family.samples
+            if s.name.endswith("_total")
+        }
+        assert failures[("Web", "capacity")] == 1
+        assert failures[("Broken", "image")] == 1
+        assert failures[("NoPort", "start")] == 1
 
 
 async def test_clients_see_no_error_details_but_an_id_the_log_explains(lab: Lab) -> None:

@@ -531,8 +531,10 @@ class ContainerSupervisor:
             error = StartFailed(
                 f"the engine did not start the container within {options.start_timeout}s"
             )
+            kind = "timeout"
         except ContainerError as exc:
             error = exc
+            kind = _failure_kind(exc)
         except asyncio.CancelledError:
             await self._abandon()
             raise
@@ -552,9 +554,9 @@ class ContainerSupervisor:
         self.manager.record(
             self,
             "container.start_failed",
-            f"container did not start: {getattr(error, 'public', None) or error}",
+            f"container did not start: {error}",  # the operator's log: the whole story
             level="error",
-            reason=_failure_reason(error),
+            reason=kind,
         )
         if not isinstance(error, EngineUnavailable):
             await self._abandon()
@@ -871,14 +873,16 @@ def _stored(state: State) -> dict[str, Any]:
     return {"status": state.status, "last_change": state.last_change, "exit_code": state.exit_code}
 
 
-def _failure_reason(error: BaseException) -> str:
-    """A start failure's kind, from a fixed set (a metric label: bounded)."""
+def _failure_kind(error: ContainerError) -> str:
+    """A start failure's kind, from a fixed set (a metric label: bounded). A start the
+    engine did not carry out in time is "timeout" (set where the timeout is caught)."""
     for kind, name in (
         (EngineUnavailable, "engine"),
         (ImageError, "image"),
         (NoCapacity, "capacity"),
         (TooManyStarts, "rate"),
-        (StartFailed, "timeout"),
+        # It ran but did not get ready: exited, or its ports did not answer in time.
+        (StartFailed, "start"),
     ):
         if isinstance(error, kind):
             return name

@@ -109,7 +109,7 @@ class AppMetrics:
         )
         self._failures = Counter(
             "dockyard_container_start_failures",
-            "Container starts that failed, by kind (engine, image, capacity, rate, timeout)",
+            "Container starts that failed, by kind (engine, image, capacity, rate, start, timeout)",
             ["app", "class_name", "reason"],
             registry=self.registry,
         )
