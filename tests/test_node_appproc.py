@@ -25,7 +25,7 @@ import pytest
 from dockyard.containers import labels
 from dockyard.containers.docker import DockerRuntime
 from dockyard.errors import DockyardError
-from dockyard.node.appproc import AppEndpoint, AppProcesses, Launch
+from dockyard.node.appproc import AppEndpoint, AppProcesses, Launch, platform_record
 from dockyard.node.engine_api import EngineApi
 from tests.support.engine import docker_cli, wait_until
 
@@ -596,3 +596,42 @@ async def test_stop_leaves_containers_for_the_next_process_and_destroy_removes_t
             assert await docker_runtime.list({labels.APP: app}) == []
     finally:
         await docker_cli("image", "rm", ref)
+
+
+def test_platform_records_from_an_app_process_are_its_own_and_well_typed() -> None:
+    """Worker code shares the app process's stdout: a line claiming another app is stored
+    as this one's, and a line with a wrong type is no record at all."""
+    event = {
+        "app": "someone-else",
+        "message": "container started in 80 ms",
+        "time": 1_700_000_000.5,
+        "class_name": "Web",
+        "object_id": "ab" * 32,
+        "event": "container.start",
+        "fields": {"cold_start_ms": 80.0},
+        "source": "worker",
+        "version": 99,
+    }
+    record = platform_record(json.dumps({"log": event}), "mine", 3)
+    assert record is not None
+    assert (record.app, record.version, record.source, record.stream) == (
+        "mine",
+        3,
+        "platform",
+        "event",
+    )
+    assert (record.event, record.fields, record.time) == (
+        "container.start",
+        {"cold_start_ms": 80.0},
+        1_700_000_000.5,
+    )
+    for broken in (
+        {**event, "time": "soon"},
+        {**event, "time": float("nan")},
+        {**event, "time": True},
+        {**event, "message": ["not", "text"]},
+        {**event, "fields": "none"},
+        "a string",
+    ):
+        assert platform_record(json.dumps({"log": broken}), "mine", 3) is None, broken
+    assert platform_record('{"log": not json', "mine", 3) is None

@@ -26,6 +26,7 @@ import ctypes
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -43,7 +44,14 @@ from typing import Any
 from ..errors import DockyardError
 from ..observe.records import LogRecord, LogSink
 
-__all__ = ["AppEndpoint", "AppProcesses", "Instance", "Launch", "process_dir"]
+__all__ = [
+    "AppEndpoint",
+    "AppProcesses",
+    "Instance",
+    "Launch",
+    "platform_record",
+    "process_dir",
+]
 
 log = logging.getLogger("dockyard.node.apps")
 
@@ -143,6 +151,42 @@ class Instance:
     starting: bool = False
 
 
+def platform_record(line: str, app: str, version: int) -> LogRecord | None:
+    """The record in an app process's ``{"log": {...}}`` line, or None when the line is
+    not one. Worker code prints to the same stdout, so nothing in it is trusted: the app
+    and version are the process's own, and a line whose fields do not have their types is
+    not a record (it is stored as the worker's line, as printed)."""
+    try:
+        data = json.loads(line)["log"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    text = {
+        name: data.get(name, "")
+        for name in ("message", "level", "class_name", "object_id", "object_name")
+    }
+    text.update(container_id=data.get("container_id", ""), event=data.get("event", ""))
+    when, fields = data.get("time"), data.get("fields", {})
+    if (
+        not all(isinstance(value, str) for value in text.values())
+        or not isinstance(when, int | float)
+        or isinstance(when, bool)
+        or not math.isfinite(when)
+        or not isinstance(fields, dict)
+    ):
+        return None
+    return LogRecord(
+        app=app,
+        source="platform",
+        stream="event",
+        version=version,
+        time=float(when),
+        fields=fields,
+        **text,
+    )
+
+
 def process_dir(run_dir: Path, pid: int) -> Path:
     """The folder of one child's sockets."""
     return run_dir / f"p{pid}"
@@ -208,20 +252,13 @@ class _Child:
                 self.sink.emit(self._worker_line(line, stderr=not events))
 
     def _record(self, line: str) -> bool:
-        """A platform event from the app process (its containers): stored as the app's,
-        whatever app name the line claims."""
-        try:
-            data = json.loads(line)["log"]
-            record = LogRecord.from_dict(data)
-        except (ValueError, KeyError, TypeError):
+        """A platform event from the app process (its containers)."""
+        record = platform_record(line, self.launch.app, self.launch.version)
+        if record is None:
             return False
         log.info("%s[%d]: %s", self.launch.app, self.pid, record.message)
         if self.sink is not None:
-            self.sink.emit(
-                dataclasses.replace(
-                    record, app=self.launch.app, version=self.launch.version, source="platform"
-                )
-            )
+            self.sink.emit(record)
         return True
 
     def _worker_line(self, line: str, *, stderr: bool) -> LogRecord:
