@@ -16,9 +16,7 @@ from rich.logging import RichHandler
 from .._limits import raise_open_file_limit
 from ..app import App
 from ..gateway.server import Gateway
-from ..observe.dashboard import make_dashboard
-from ..observe.local import LocalDashboardSource, LocalObservation
-from ..observe.metrics import CONTENT_TYPE
+from ..observe.local import LocalObservation
 from ..settings import ContainerSettings, ObjectSettings, Settings
 from ..watchdog import LoopWatchdog
 
@@ -150,6 +148,12 @@ async def _open_dashboard(
 ) -> web.AppRunner | None:
     """The dashboard (``/ui/``) and ``/metrics`` on their own listener; a port in use
     costs the dashboard, not the dev server."""
+    # Imported here: Jinja2 and the templates cost dev's start-up ~0.7 s otherwise,
+    # also with --dashboard off.
+    from ..observe.dashboard import make_dashboard
+    from ..observe.local import LocalDashboardSource
+    from ..observe.metrics import CONTENT_TYPE
+
     token = secrets.token_urlsafe(16)
     root = web.Application()
     root[_TOKEN] = token  # printed with the address once dev is ready

@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import load_config
+from ..config import ContainerConfig, load_config
 from ..containers import labels
 from ..errors import ContainerGone, DockyardError
 from ..observe.dashboard.source import (
@@ -28,7 +27,7 @@ from ..observe.dashboard.source import (
     RolloutProgress,
     VersionSummary,
 )
-from ..observe.instances import InstanceViews
+from ..observe.instances import InstanceViews, class_summaries
 from ..observe.metrics import RequestRates
 from ..observe.records import LogQuery, LogRecord, UsageRow
 
@@ -50,7 +49,6 @@ class NodeDashboardSource:
     # -- apps -------------------------------------------------------------------------------
 
     async def overview(self) -> list[AppSummary]:
-        midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         summaries = []
         for app in self.node.store.list_apps():
             text = None
@@ -58,10 +56,6 @@ class NodeDashboardSource:
                 with contextlib.suppress(DockyardError):
                     text = await self.node.processes.metrics(app.name)
             rate, errors = self.rates.update(app.name, text)
-            cost = sum(
-                row.cost_usd
-                for row in self.node.usage.usage(app=app.name, since=midnight.timestamp(), by="app")
-            )
             live = sum(1 for row in await self.instances(app.name) if row.state != "stopped")
             summaries.append(
                 AppSummary(
@@ -70,7 +64,7 @@ class NodeDashboardSource:
                     requests_per_minute=rate,
                     error_rate=errors,
                     live_instances=live,
-                    cost_today=cost,
+                    cost_today=self.views.cost_today(app.name),
                 )
             )
         return summaries
@@ -84,13 +78,8 @@ class NodeDashboardSource:
         classes: list[ClassSummary] = []
         active = next((v for v in versions if v.number == record.active_version), None)
         if active is not None:
-            live: dict[str, int] = {}
-            for row in await self.instances(app):
-                if row.state != "stopped":
-                    live[row.class_name] = live.get(row.class_name, 0) + 1
             bundle = self.node.paths.bundle_dir(app, active.bundle_hash)
-            for name, (instance_type, max_instances) in _classes(bundle).items():
-                classes.append(ClassSummary(name, instance_type, max_instances, live.get(name, 0)))
+            classes = class_summaries(_containers(bundle), await self.instances(app))
         return AppDetail(
             name=app,
             active_version=record.active_version,
@@ -155,17 +144,10 @@ class NodeDashboardSource:
 
 
 @lru_cache(maxsize=64)
-def _classes(bundle: Path) -> dict[str, tuple[str, int]]:
-    """A version's container classes: instance type and max_instances (bundles never
-    change once unpacked, so this is read once per version)."""
+def _containers(bundle: Path) -> tuple[ContainerConfig, ...]:
+    """A version's container classes (bundles never change once unpacked, so this is
+    read once per version)."""
     try:
-        config = load_config(bundle)
+        return tuple(load_config(bundle).containers)
     except DockyardError:
-        return {}
-    return {
-        c.class_name: (
-            c.instance_type if isinstance(c.instance_type, str) else "custom",
-            int(c.max_instances),
-        )
-        for c in config.containers
-    }
+        return ()

@@ -16,7 +16,7 @@ Times (``since``, ``until``) are Unix seconds, ISO 8601, or a duration back from
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -81,7 +81,7 @@ class _Routes:
             seen: set[tuple[float, str, str]] = set()
             if backlog:
                 await store.flush()
-                for stored in store.query(_with_limit(query, backlog)):
+                for stored in store.query(dataclasses.replace(query, limit=backlog)):
                     seen.add((stored.time, stored.container_id, stored.message))
                     await response.write(_line(stored))
             async for record in until_closed(live, self.closing, idle=KEEPALIVE):
@@ -117,9 +117,9 @@ class _Routes:
                 "by": by,
                 "since": since,
                 "until": until,
-                "rows": [_row(row) for row in rows],
+                "rows": [dataclasses.asdict(row) for row in rows],
                 "total_usd": round(sum(row.cost_usd for row in rows), 8),
-                "prices": _plain(meter.prices),  # what the costs were computed at
+                "prices": dataclasses.asdict(meter.prices),  # what the costs were computed at
             }
         )
 
@@ -194,23 +194,5 @@ def _int(params: Any, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
-def _with_limit(query: LogQuery, limit: int) -> LogQuery:
-    from dataclasses import replace
-
-    return replace(query, limit=limit)
-
-
 def _line(record: LogRecord) -> bytes:
     return record.to_json().encode() + b"\n"
-
-
-def _row(row: Any) -> dict[str, Any]:
-    return _plain(row)
-
-
-def _plain(value: Any) -> dict[str, Any]:
-    from dataclasses import asdict, is_dataclass
-
-    if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
-    return dict(json.loads(json.dumps(value, default=str)))

@@ -6,12 +6,16 @@ running container, and, for a stopped one, its last stop event in the log store.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .dashboard.source import InstanceDetail, InstanceRow, InstanceState
-from .records import LogQuery, LogRecord
+from .dashboard.source import ClassSummary, InstanceDetail, InstanceRow, InstanceState
+from .records import LogQuery, LogRecord, UsageRow
 
-__all__ = ["InstanceViews"]
+if TYPE_CHECKING:
+    from ..config import ContainerConfig
+
+__all__ = ["InstanceViews", "class_summaries"]
 
 # Supervisor phases as the dashboard names them.
 _STATES: dict[str, InstanceState] = {
@@ -34,6 +38,10 @@ class _Meter(Protocol):
     def live(self) -> list[dict[str, Any]]: ...
 
     def samples(self, container_id: str) -> list[tuple[float, float, int]]: ...
+
+    def usage(
+        self, *, app: str | None = None, since: float | None = None, by: str = "app"
+    ) -> list[UsageRow]: ...
 
 
 class InstanceViews:
@@ -105,6 +113,13 @@ class InstanceViews:
         )
         return InstanceDetail(row, samples)
 
+    def cost_today(self, app: str) -> float:
+        """What the app's containers cost since 00:00 UTC."""
+        if self.meter is None:
+            return 0.0
+        midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        return sum(r.cost_usd for r in self.meter.usage(app=app, since=midnight.timestamp()))
+
     def last_stop(self, query: LogQuery) -> tuple[str, int | None]:
         """The container id and exit code of the last stop event matching ``query``."""
         query = LogQuery(
@@ -119,3 +134,22 @@ class InstanceViews:
                 code = record.fields.get("exit_code")
                 return record.container_id, int(code) if isinstance(code, int | float) else None
         return "", None
+
+
+def class_summaries(
+    containers: Iterable[ContainerConfig], rows: Iterable[InstanceRow]
+) -> list[ClassSummary]:
+    """The app page's container classes, with how many of each run now."""
+    live: dict[str, int] = {}
+    for row in rows:
+        if row.state != "stopped":
+            live[row.class_name] = live.get(row.class_name, 0) + 1
+    return [
+        ClassSummary(
+            c.class_name,
+            c.instance_type if isinstance(c.instance_type, str) else "custom",
+            int(c.max_instances),
+            live.get(c.class_name, 0),
+        )
+        for c in containers
+    ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import secrets
 import sys
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,11 +21,10 @@ from ..errors import DockyardError
 from .dashboard.source import (
     AppDetail,
     AppSummary,
-    ClassSummary,
     InstanceDetail,
     InstanceRow,
 )
-from .instances import InstanceViews
+from .instances import InstanceViews, class_summaries
 from .logstore import LogStore
 from .metrics import RequestRates
 from .records import LogQuery, LogRecord, LogSink, UsageRow
@@ -162,24 +160,13 @@ class LocalDashboardSource:
     async def overview(self) -> list[AppSummary]:
         name = self.app.config.name
         rate, errors = self.rates.update(name, self.app.metrics.render().decode())
-        midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        cost = sum(r.cost_usd for r in self.usage(app=name, since=midnight.timestamp(), by="app"))
         live = sum(1 for row in await self.instances(name) if row.state != "stopped")
-        return [AppSummary(name, None, rate, errors, live, cost)]
+        return [AppSummary(name, None, rate, errors, live, self.views.cost_today(name))]
 
     async def app_detail(self, app: str) -> AppDetail | None:
         if app != self.app.config.name:
             return None
-        rows = await self.instances(app)
-        classes = [
-            ClassSummary(
-                c.class_name,
-                c.instance_type if isinstance(c.instance_type, str) else "custom",
-                int(c.max_instances),
-                sum(1 for r in rows if r.class_name == c.class_name and r.state != "stopped"),
-            )
-            for c in self.app.config.containers
-        ]
+        classes = class_summaries(self.app.config.containers, await self.instances(app))
         return AppDetail(name=app, active_version=None, classes=classes)
 
     async def instances(self, app: str) -> list[InstanceRow]:
