@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import secrets
 import shutil
 import sqlite3
@@ -60,25 +61,21 @@ async def spew(node: Serve, container_id: str, marker: str, seconds: int) -> flo
 
 
 def stored(node: Serve, marker: str) -> int:
-    """Distinct lines of this spew in the node's store (duplicates are reported apart)."""
+    """Distinct lines of this spew in the node's store (duplicates are reported apart).
+    A row holds one line, or a batch of them joined by newlines."""
     db = node.data / "observe" / "logs.db"
+    lines: list[str] = []
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
-        table = "logs" if "logs" in tables else sorted(tables)[0]
-        count, distinct = conn.execute(
-            f"select count(*), count(distinct message) from {table} "
-            "where source = 'container' and message like ?",
-            (marker + " %",),
-        ).fetchone()
-        if count != distinct:
-            dupes = conn.execute(
-                f"select message, count(*), group_concat(time) from {table} "
-                "where source = 'container' and message like ? group by message "
-                "having count(*) > 1 limit 5",
-                (marker + " %",),
-            ).fetchall()
-            print(f"  {count - distinct} lines stored twice, e.g. {dupes}", flush=True)
-    return int(distinct)
+        for (message,) in conn.execute(
+            "select message from logs where source = 'container' and message like ?",
+            (f"%{marker} %",),
+        ):
+            lines.extend(line for line in message.split("\n") if line.startswith(marker + " "))
+    distinct = set(lines)
+    if len(lines) != len(distinct):
+        twice = [line for line, n in collections.Counter(lines).items() if n > 1][:5]
+        print(f"  {len(lines) - len(distinct)} lines stored twice, e.g. {twice}", flush=True)
+    return len(distinct)
 
 
 async def unowned_spew(seconds: int) -> None:

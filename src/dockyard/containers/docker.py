@@ -533,6 +533,24 @@ class DockerRuntime(AsyncClosing):
                 raise
         return _container_info(data)
 
+    async def log_file(self, container_id: str) -> str | None:
+        """`LogFiles.log_file`: the engine's ``LogPath`` when the engine is local, the
+        driver is json-file and this process may read the file."""
+        if not self.engine_address.startswith("unix://"):
+            return None
+        async with self._short_call("inspect a container", container_id=container_id):
+            try:
+                data = await self._client().containers.container(container_id).show()
+            except DockerError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+        driver = ((data.get("HostConfig") or {}).get("LogConfig") or {}).get("Type")
+        path = data.get("LogPath")
+        if driver != "json-file" or not isinstance(path, str) or not path:
+            return None
+        return path if os.access(path, os.R_OK) else None
+
     async def wait(self, container_id: str) -> ExitStatus:
         container = self._client().containers.container(container_id)
         with self._engine_errors("wait for a container", container_id=container_id):

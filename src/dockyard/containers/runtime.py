@@ -78,6 +78,7 @@ __all__ = [
     "ImagePorts",
     "ImagePuller",
     "ImageStore",
+    "LogFiles",
     "LogLine",
     "RuntimeCapabilities",
 ]
@@ -445,6 +446,18 @@ class ContainerObservation(Protocol):
 
     async def stats(self, container_id: str) -> ContainerStats | None:
         """One reading; None when the container is not running or is gone."""
+        ...
+
+
+@runtime_checkable
+class LogFiles(Protocol):
+    """An engine whose log files this process can read itself (a local engine with the
+    json-file driver, and the permission to read its files). The watcher then reads lines
+    from the file, which costs the engine nothing, and falls back to `log_lines`."""
+
+    async def log_file(self, container_id: str) -> str | None:
+        """The path of the container's json-file log, or None when it cannot be read
+        here (another driver, a remote engine, no permission, no such container)."""
         ...
 
 

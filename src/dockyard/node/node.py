@@ -259,6 +259,7 @@ class Node:
             on_event=self._usage.on_event,
             cursor=self.paths.log_cursor,
             delivered=self._logs.newest_lines,
+            positions=self._logs.file_positions,
         )
         await self._watcher.start()
 

@@ -27,7 +27,7 @@ from .dashboard.source import (
 from .instances import InstanceViews, class_summaries
 from .logstore import LogStore
 from .metrics import RequestRates
-from .records import LogQuery, LogRecord, LogSink, UsageRow
+from .records import LogBatch, LogQuery, LogRecord, LogSink, UsageRow, emit_batch
 from .usage import UsageMeter
 from .watch import EngineWatcher
 
@@ -75,6 +75,10 @@ class Tee:
         for sink in self.sinks:
             sink.emit(record)
 
+    def emit_batch(self, batch: LogBatch) -> None:
+        for sink in self.sinks:
+            emit_batch(sink, batch)
+
 
 class LocalObservation:
     """The dev process's store (``<state>/logs.db``), meter (``<state>/usage.db``) and
@@ -120,6 +124,7 @@ class LocalObservation:
             on_event=self.usage.on_event,
             cursor=self.state_dir / "logs.cursor",
             delivered=self.logs.newest_lines,
+            positions=self.logs.file_positions,
         )
         await self._watcher.start()
         self._closers.append(self._watcher.aclose)

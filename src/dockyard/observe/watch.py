@@ -16,6 +16,12 @@ a restart's cut is skipped. And the cursor is saved every `save_interval` second
 
 An engine that cannot be reached (`EngineUnavailable`) is retried with back-off, from the
 listing on: lines printed meanwhile are read from the cursor once it is back.
+
+Beside a local engine (`LogFiles`), lines are read from the engine's own log file instead
+of its follow API (observe/logfile.py), as `LogBatch` es: far cheaper for the engine and
+for the node, exact across restarts (the store keeps each file's position with its
+lines, `positions`), and unaffected by engine outages. The cursor above then serves only
+containers whose file cannot be read.
 """
 
 from __future__ import annotations
@@ -38,9 +44,18 @@ from dockyard.containers.runtime import (
     ContainerInfo,
     ContainerLifecycle,
     ContainerObservation,
+    LogFiles,
 )
 from dockyard.errors import ContainerError, ContainerGone, EngineUnavailable
-from dockyard.observe.records import LogRecord, LogSink, Stream
+from dockyard.observe.logfile import FileLine, JsonLogFile
+from dockyard.observe.records import (
+    FilePosition,
+    LogBatch,
+    LogRecord,
+    LogSink,
+    Stream,
+    emit_batch,
+)
 
 __all__ = ["EngineWatcher", "WatchedRuntime"]
 
@@ -48,6 +63,11 @@ log = logging.getLogger("dockyard.observe.watch")
 _STREAMS: dict[str, Stream] = {"stdout": "stdout", "stderr": "stderr"}
 # How many of a stream's latest lines a repeat is looked for among (see _deliver).
 _RECENT = 4096
+# A log file is looked at again this soon after it gave lines, backing off to the most.
+_POLL_SOON, _POLL_MOST = 0.02, 0.25
+# After a container stops, its file is read for this long more (the engine may still be
+# copying its last lines) before its reader ends.
+_DRAIN = 1.0
 
 
 class WatchedRuntime(ContainerObservation, ContainerLifecycle, Protocol):
@@ -127,6 +147,7 @@ class EngineWatcher(AsyncClosing):
         on_event: Callable[[ContainerEvent], None] | None = None,
         cursor: Path | None = None,
         delivered: Callable[[float], Mapping[str, tuple[float, int]]] | None = None,
+        positions: Callable[[], Mapping[str, FilePosition]] | None = None,
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
         save_interval: float = 1.0,
@@ -139,6 +160,12 @@ class EngineWatcher(AsyncClosing):
         # What the sink already holds, per container (LogStore.newest_lines): read at
         # start, it makes a crash neither lose nor repeat a line the sink kept.
         self._delivered = delivered
+        # Where each container's log file was stored up to (LogStore.file_positions).
+        self._load_positions = positions
+        self._positions: dict[str, FilePosition] = {}
+        # Containers known to have stopped, and since when (monotonic): their file
+        # readers end once they have read it out.
+        self._stopped: dict[str, float] = {}
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._save_interval = save_interval
@@ -163,6 +190,8 @@ class EngineWatcher(AsyncClosing):
             return
         self._started = True
         await asyncio.to_thread(self._cursor.load)
+        if self._load_positions is not None:
+            self._positions = dict(await asyncio.to_thread(self._load_positions))
         self._unwatched_since = self._cursor.saved_at
         if self._delivered is not None and self._cursor.saved_at is not None:
             # The sink knows better than a cursor saved up to a second ago: resume each
@@ -250,7 +279,12 @@ class EngineWatcher(AsyncClosing):
                 and unwatched_since is not None
                 and info.finished_at.timestamp() >= unwatched_since
             )
-            if info.running or info.id in self._cursor.marks or stopped_since:
+            if info.running:
+                self._stopped.pop(info.id, None)
+            else:
+                self._stopped.setdefault(info.id, time.monotonic())
+            followed = info.id in self._cursor.marks or info.id in self._positions
+            if info.running or followed or stopped_since:
                 self._follow(info.id, info.labels)
 
     def _handle_event(self, event: ContainerEvent) -> None:
@@ -263,9 +297,13 @@ class EngineWatcher(AsyncClosing):
             self._events_seen.clear()
         self._events_seen.add(key)
         if event.action == "start":
+            self._stopped.pop(event.container_id, None)
             self._follow(event.container_id, event.labels)
+        elif event.action == "die":
+            self._stopped.setdefault(event.container_id, time.monotonic())
         elif event.action == "destroy":
             self._cursor.marks.pop(event.container_id, None)
+            self._positions.pop(event.container_id, None)
         if self._on_event is not None:
             try:
                 self._on_event(event)
@@ -289,6 +327,21 @@ class EngineWatcher(AsyncClosing):
 
     async def _follow_container(self, container_id: str, labels: Mapping[str, str]) -> None:
         delay = self._retry_initial
+        while isinstance(self._runtime, LogFiles):
+            try:
+                path = await self._runtime.log_file(container_id)
+            except ContainerGone:
+                return
+            except ContainerError as exc:
+                log.info("Log file of %s not found yet: %s", container_id[:12], exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            if path is not None:
+                await self._read_file(container_id, labels, path)
+                return
+            break
+        delay = self._retry_initial
         mark = self._cursor.marks.setdefault(container_id, [0.0, 0.0])
         while True:
             try:
@@ -311,21 +364,71 @@ class EngineWatcher(AsyncClosing):
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max)
 
+    async def _read_file(self, container_id: str, labels: Mapping[str, str], path: str) -> None:
+        """Read the container's log file from where the store has it until the container
+        has stopped and the file is read out (or removed)."""
+        shared = _fields(labels, container_id)
+        resume = self._positions.get(container_id)
+        mark = self._cursor.marks.setdefault(container_id, [0.0, 0.0])
+        # A container followed through the engine's API before (the cursor has its time,
+        # the store no position): lines up to that time were delivered already.
+        skip_until = mark[0] if resume is None else 0.0
+        file = JsonLogFile(path, resume)
+        wait = _POLL_SOON
+        try:
+            while True:
+                lines = file.read()
+                if lines:
+                    if skip_until:
+                        lines = [line for line in lines if line.time > skip_until]
+                    self._emit_lines(container_id, shared, file.inode, lines, mark)
+                    wait = _POLL_SOON
+                    await asyncio.sleep(0)  # the loop's other work between reads
+                    continue
+                if file.gone:
+                    return
+                stopped = self._stopped.get(container_id)
+                if stopped is not None and time.monotonic() - stopped > _DRAIN:
+                    return
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, _POLL_MOST)
+        finally:
+            file.close()
+
+    def _emit_lines(
+        self,
+        container_id: str,
+        shared: Mapping[str, Any],
+        inode: int,
+        lines: list[FileLine],
+        mark: list[float],
+    ) -> None:
+        """One batch per run of a stream's lines, each with the position after its last."""
+        start = 0
+        for end in range(1, len(lines) + 1):
+            if end < len(lines) and lines[end].stream == lines[start].stream:
+                continue
+            run = lines[start:end]
+            position = FilePosition(container_id, inode, run[-1].end)
+            stream = _STREAMS.get(run[0].stream, "stdout")
+            times = [line.time for line in run]
+            texts = [line.text for line in run]
+            batch = LogBatch(stream=stream, times=times, texts=texts, position=position, **shared)
+            emit_batch(self._sink, batch)
+            self._positions[container_id] = position
+            start = end
+        if lines and lines[-1].time > mark[0]:
+            mark[0], mark[1] = lines[-1].time, 1.0
+
     async def _deliver(
         self, container_id: str, labels: Mapping[str, str], mark: list[float]
     ) -> int:
         """Read the container's lines after `mark`, emit them, and keep `mark` on the
         newest one delivered. Returns how many were delivered."""
-        version = labels.get(label_names.VERSION, "")
         base: dict[str, Any] = {
-            "app": labels.get(label_names.APP, ""),
             "source": "container",
             "level": "info",
-            "version": int(version) if version.isdigit() else None,
-            "class_name": labels.get(label_names.CLASS, ""),
-            "object_id": labels.get(label_names.OBJECT, ""),
-            "object_name": labels.get(label_names.NAME, ""),
-            "container_id": container_id,
+            **_fields(labels, container_id),
         }
         emit = self._sink.emit
         streams = _STREAMS
@@ -365,3 +468,16 @@ class EngineWatcher(AsyncClosing):
                 mark[0], mark[1] = newest, at_newest
                 delivered += 1
         return delivered
+
+
+def _fields(labels: Mapping[str, str], container_id: str) -> dict[str, Any]:
+    """What every line of a container shares, from its labels."""
+    version = labels.get(label_names.VERSION, "")
+    return {
+        "app": labels.get(label_names.APP, ""),
+        "version": int(version) if version.isdigit() else None,
+        "class_name": labels.get(label_names.CLASS, ""),
+        "object_id": labels.get(label_names.OBJECT, ""),
+        "object_name": labels.get(label_names.NAME, ""),
+        "container_id": container_id,
+    }
