@@ -11,7 +11,6 @@ import os
 import secrets
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.node import DOCKYARD, Node, room_app, running_node
+from tests.support.output import Output
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -82,42 +82,29 @@ class Tail:
         self.proc = subprocess.Popen(
             [*DOCKYARD, "tail", app, "--json", "--lines", "50"],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **env},
         )
-        self.records: list[tuple[float, dict[str, Any]]] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.records.append((time.monotonic(), json.loads(line)))
-                self._changed.notify_all()
+        self.output = Output(self.proc)
 
     def wait_for(self, match: Any, timeout: float) -> tuple[float, dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for seen in self.records:
-                    if match(seen[1]):
-                        return seen
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    stderr = self.proc.stderr.read() if self.proc.poll() is not None else ""
-                    raise AssertionError(f"tail never showed it: {self.records}\n{stderr}")
-                self._changed.wait(min(left, 0.5))
+        """The first record `match` accepts, and when it came (monotonic)."""
+        times = self.output.times
+
+        def record(line: str) -> tuple[float, dict[str, Any]] | None:
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                return None  # the CLI's own message on stderr, shown if the wait fails
+            return (times[self.output.lines.index(line)], parsed) if match(parsed) else None
+
+        return self.output.wait_for(record, timeout, "tail never showed it")
 
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-        self._reader.join(10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        self.output.close()
 
 
 def test_logs_events_tail_metrics_and_usage(node: Node, tmp_path: Path) -> None:

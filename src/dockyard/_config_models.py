@@ -228,14 +228,35 @@ class RenamedClass(_Model):
     to: str
 
 
+class TransferredClass(_Model):
+    from_: str = Field(alias="from")
+    from_script: str
+    to: str
+
+
 class Migration(_Model):
-    unsupported_keys = frozenset({"transferred_classes"})
+    """One tagged step; applied to the stored objects once (see objects/migrations.py)."""
 
     tag: NonEmptyStr
     new_sqlite_classes: list[str] = []
     new_classes: list[str] = []
     renamed_classes: list[RenamedClass] = []
     deleted_classes: list[str] = []
+    # Accepted as Cloudflare writes it; applying one is refused (another script's objects
+    # are out of this app's reach), see docs/migrations.md.
+    transferred_classes: list[TransferredClass] = []
+
+    def classes(self) -> list[tuple[str, str]]:
+        """Every class this step names, with the key it is named under."""
+        named = [(f"new_sqlite_classes[{i}]", n) for i, n in enumerate(self.new_sqlite_classes)]
+        named += [(f"new_classes[{i}]", n) for i, n in enumerate(self.new_classes)]
+        for i, r in enumerate(self.renamed_classes):
+            named += [(f"renamed_classes[{i}].from", r.from_), (f"renamed_classes[{i}].to", r.to)]
+        named += [(f"deleted_classes[{i}]", n) for i, n in enumerate(self.deleted_classes)]
+        named += [
+            (f"transferred_classes[{i}].to", t.to) for i, t in enumerate(self.transferred_classes)
+        ]
+        return named
 
 
 class LogsConfig(_Model):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .bindings import Bindings, ScheduledController
-from .config import Config, load_config
+from .config import Config, config_error, load_config, main_names
 from .containers import ContainerManager, labels
 from .containers.container import CF_SWITCH_PORT_HEADER, SWITCH_PORT_HEADER
 from .containers.runtime import ContainerRuntime
@@ -27,6 +27,7 @@ from .errors import DockyardError, WorkerError, error_id
 from .http import Request, Response, error_response
 from .objects import ObjectHost
 from .objects.files import OpenFiles
+from .objects.migrations import ClassMigrations, MigrationStep
 from .observe.metrics import AppMetrics
 from .observe.records import LogRecord, LogSink
 from .settings import Settings
@@ -69,6 +70,9 @@ class App:
             app=self.config.name,
             idle_timeout=objects.idle_timeout,
             open_files=OpenFiles(objects.max_open_files),
+            migrations=_class_migrations(
+                self.config, self.state_dir / "objects", objects.apply_deletions
+            ),
         )
         # KV, D1, static assets and cron triggers (dockyard.bindings).
         self.bindings = Bindings(self.config, self.state_dir)
@@ -364,6 +368,30 @@ class App:
         self.worker = worker
 
 
+def _class_migrations(config: Config, objects_dir: Path, apply_deletions: bool) -> ClassMigrations:
+    """The config's migrations, for the object host to apply at start."""
+    steps = [
+        MigrationStep(
+            tag=m.tag,
+            index=i,
+            new_classes=(*m.new_sqlite_classes, *m.new_classes),
+            renamed=tuple((r.from_, r.to) for r in m.renamed_classes),
+            deleted=tuple(m.deleted_classes),
+            transferred=tuple((t.from_script, t.from_, t.to) for t in m.transferred_classes),
+        )
+        for i, m in enumerate(config.migrations)
+    ]
+    return ClassMigrations(
+        objects_dir,
+        steps,
+        bound={b.class_name for b in config.durable_objects.bindings if b.script_name is None},
+        defined=main_names(config),
+        apply_deletions=apply_deletions,
+        error_at=lambda path, message: config_error(config, path, message),
+        deletion_hint="run dockyard dev with --apply-deletions",
+    )
+
+
 def _shape(config: Config) -> tuple[Any, ...]:
     """What a running app process is built around; a version that changes it needs a new
     process (see ``App.reload_version``)."""
@@ -376,6 +404,8 @@ def _shape(config: Config) -> tuple[Any, ...]:
         repr(getattr(config, "kv_namespaces", None)),
         repr(getattr(config, "d1_databases", None)),
         repr(getattr(config, "triggers", None)),
+        # Migrations are applied when a process starts (before any object opens).
+        tuple(m.tag for m in config.migrations),
     )
 
 

@@ -42,6 +42,7 @@ from dockyard._config_models import (
     Migration,
     Observability,
     RenamedClass,
+    TransferredClass,
 )
 from dockyard._jsonc import child_path, key_lines, syntax_error_line, toml_key_lines
 from dockyard.errors import ConfigError
@@ -59,8 +60,11 @@ __all__ = [
     "Migration",
     "Observability",
     "RenamedClass",
+    "TransferredClass",
+    "config_error",
     "find_config",
     "load_config",
+    "main_names",
 ]
 
 _NOT_FROM_FILE = ("project_dir", "config_path", "warnings", "secrets", "environment")
@@ -328,6 +332,7 @@ def _cross_check(config: Config, source: _Source) -> list[str]:
             )
 
     _check_bindings(config, source)
+    _check_migrations(config, source)
 
     bound = {b.class_name for b in config.durable_objects.bindings if b.script_name is None}
     sqlite = {name for m in config.migrations for name in m.new_sqlite_classes}
@@ -360,6 +365,77 @@ def _cross_check(config: Config, source: _Source) -> list[str]:
                 )
             )
     return warnings
+
+
+def _check_migrations(config: Config, source: _Source) -> None:
+    """Tags are unique; a step names each class once; no binding is to a class the
+    migrations renamed away or deleted (Cloudflare's rules). What a step does to stored
+    objects is checked when it is applied (objects/migrations.py)."""
+    tags: dict[str, int] = {}
+    # Each class's last word in the migrations: (what happened, which step, new name).
+    fate: dict[str, tuple[str, int, str]] = {}
+    for i, migration in enumerate(config.migrations):
+        path = f"migrations[{i}]"
+        if migration.tag in tags:
+            raise source.error(
+                f"{path}.tag",
+                f'duplicate tag "{migration.tag}" (already used by '
+                f"migrations[{tags[migration.tag]}]); expected a unique tag per migration",
+            )
+        tags[migration.tag] = i
+        named: dict[str, str] = {}
+        for key, name in migration.classes():
+            if not name.isidentifier():
+                raise source.error(
+                    f"{path}.{key}", f'expected a class name (a Python identifier), got "{name}"'
+                )
+            if name in named:
+                raise source.error(
+                    f"{path}.{key}",
+                    f'class "{name}" is already named by {path}.{named[name]}; a migration may '
+                    "name each class once (split it into two tagged migrations)",
+                )
+            named[name] = key
+        for name in [*migration.new_sqlite_classes, *migration.new_classes]:
+            fate[name] = ("live", i, name)
+        for renamed in migration.renamed_classes:
+            fate[renamed.from_] = ("renamed", i, renamed.to)
+            fate[renamed.to] = ("live", i, renamed.to)
+        for name in migration.deleted_classes:
+            fate[name] = ("deleted", i, name)
+        for transferred in migration.transferred_classes:
+            fate[transferred.to] = ("live", i, transferred.to)
+    for j, binding in enumerate(config.durable_objects.bindings):
+        what, i, new_name = fate.get(binding.class_name, ("live", -1, ""))
+        if binding.script_name is not None or what == "live":
+            continue
+        if what == "renamed":
+            message = (
+                f'class "{binding.class_name}" is renamed to "{new_name}" by migrations[{i}]; '
+                f'expected "class_name": "{new_name}" here'
+            )
+        else:
+            message = (
+                f'class "{binding.class_name}" is deleted by migrations[{i}] (deleted_classes); '
+                "remove this binding, or take the class out of deleted_classes"
+            )
+        raise source.error(f"durable_objects.bindings[{j}].class_name", message)
+
+
+def config_error(config: Config, path: str, message: str) -> ConfigError:
+    """A ConfigError at ``path`` of a loaded config, with its file and line: for checks made
+    after loading, against state the config cannot see (stored objects)."""
+    source = _Source(config.config_path, config.project_dir)
+    try:
+        source.parse()
+    except ConfigError:
+        pass  # edited meanwhile: the error names the file and key without a line
+    return source.error(path, message)
+
+
+def main_names(config: Config) -> set[str]:
+    """The names the worker's main module binds at top level (classes, imports)."""
+    return _top_level_names(config.main_path, _display_name(config.main_path, config.project_dir))
 
 
 def _check_bindings(config: Config, source: _Source) -> None:

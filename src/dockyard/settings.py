@@ -54,6 +54,9 @@ class ObjectSettings:
     # Object databases kept open at once (each holds 3 file descriptors with its WAL);
     # the least recently used idle one is closed beyond this and reopened on demand.
     max_open_files: int = 1000
+    # Apply a migration's deleted_classes to classes that have stored objects. Dev asks
+    # for it (--apply-deletions); a deploy to a node is the confirmation, as on Cloudflare.
+    apply_deletions: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,11 +12,10 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
-from tests.support.devserver import READY, DevServer
+from tests.support.devserver import DevServer
 from tests.support.projects import IMAGES, Project
 
 # Routes of the worker:
@@ -289,15 +288,8 @@ class DevCommand(DevServer):
         super().__init__(project)
         self.argv = argv
 
-    def start(self, timeout: float = 120.0) -> DevCommand:
-        self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        match = self.wait_for(READY, timeout)
-        self.url = f"http://{match.group(1)}:{match.group(2)}"
-        return self
+    def command(self) -> list[str]:
+        return self.argv
 
 
 def containers_cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -7,9 +7,9 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+
+from tests.support.output import Output
 
 READY = re.compile(r"Ready \S+ on http://([\d.]+):(\d+)")
 
@@ -21,71 +21,44 @@ class DevServer:
         self.project = project
         self.args = args
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
         self.proc: subprocess.Popen[str] | None = None
+        self._output: Output | None = None
         self.url = ""
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "dockyard", "dev", str(self.project),
+            "--port", "0", "--dashboard", "127.0.0.1:0", *self.args,
+        ]  # fmt: skip
 
     def start(self, timeout: float = 120.0) -> DevServer:
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dockyard",
-                "dev",
-                str(self.project),
-                "--port",
-                "0",
-                "--dashboard",
-                "127.0.0.1:0",
-                *self.args,
-            ],
+            self.command(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=self.env,
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._output = Output(self.proc)
         match = self.wait_for(READY, timeout)
         self.url = f"http://{match.group(1)}:{match.group(2)}"
         return self
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
+    @property
+    def lines(self) -> list[str]:
+        return self._output.lines if self._output is not None else []
 
     @property
     def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
+        return self._output.text if self._output is not None else ""
 
     def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = 30.0) -> re.Match[str]:
         """Wait until a printed line matches ``pattern``; fail with the output so far."""
+        assert self._output is not None, "not started"
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._changed:
-            while True:
-                for line in self.lines[seen:]:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                seen = len(self.lines)
-                remaining = deadline - time.monotonic()
-                exited = self.proc is not None and self.proc.poll() is not None
-                if remaining <= 0 or (exited and seen == len(self.lines)):
-                    raise AssertionError(
-                        f"dockyard dev never printed {regex.pattern!r} "
-                        f"(exit code {self.proc.poll() if self.proc else None}); output:\n"
-                        + "\n".join(self.lines)
-                    )
-                self._changed.wait(min(remaining, 0.5))
+        return self._output.wait_for(
+            regex.search, timeout, f"dockyard dev never printed {regex.pattern!r}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         assert self.proc is not None
@@ -100,9 +73,8 @@ class DevServer:
                 f"dockyard dev did not exit within {timeout}s of signal {sig}; output:\n"
                 + self.output
             ) from None
-        self._reader.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        assert self._output is not None
+        self._output.close()
         return code
 
     def kill(self) -> None:

@@ -14,14 +14,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from tests.support.output import Output
 
 DOCKYARD = [sys.executable, "-m", "dockyard"]
 READY = re.compile(r"Ready apps on http://([\d.]+):(\d+) .* on http://([\d.]+):(\d+)")
@@ -33,16 +33,14 @@ class Node:
     def __init__(self, data: Path) -> None:
         self.data = data
         self.token = "dy_" + secrets.token_urlsafe(32)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
         self.proc: subprocess.Popen[str] | None = None
+        self._output: Output | None = None
         self.app_url = ""
         self.admin_url = ""
 
     def start(self, timeout: float = 60.0) -> Node:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"}
         env["DOCKYARD_ADMIN_TOKEN"] = self.token
-        self.lines = []
         self.proc = subprocess.Popen(
             [
                 *DOCKYARD,
@@ -59,36 +57,25 @@ class Node:
             text=True,
             env=env,
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._output = Output(self.proc)
         match = self.wait_for(READY, timeout)
         self.app_url = f"http://{match.group(1)}:{match.group(2)}"
         self.admin_url = f"http://{match.group(3)}:{match.group(4)}"
         return self
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
+    @property
+    def lines(self) -> list[str]:
+        return self._output.lines if self._output is not None else []
 
     @property
     def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
+        return self._output.text if self._output is not None else ""
 
     def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if match := pattern.search(line):
-                        return match
-                exited = self.proc is not None and self.proc.poll() is not None
-                if time.monotonic() > deadline or exited:
-                    raise AssertionError(f"serve never printed {pattern.pattern!r}:\n{self.output}")
-                self._changed.wait(0.5)
+        assert self._output is not None, "not started"
+        return self._output.wait_for(
+            pattern.search, timeout, f"serve never printed {pattern.pattern!r}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 90.0) -> int:
         assert self.proc is not None
@@ -101,9 +88,8 @@ class Node:
             self.proc.wait()
             raise AssertionError(f"serve did not exit after signal {sig}:\n{self.output}") from None
         finally:
-            self._reader.join(10)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
+            assert self._output is not None
+            self._output.close()
 
     def cli(
         self, *args: str, input: str | None = None, timeout: float = 300.0, token: str | None = None

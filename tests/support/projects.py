@@ -163,7 +163,10 @@ def make_project(
             shutil.copytree(IMAGES / image, target, dirs_exist_ok=True)
     containers = []
     for class_name, extra in classes.items():
-        entry = {"class_name": class_name, "image": f"./{CLASSES[class_name]}/Dockerfile"}
+        entry: dict[str, Any] = {
+            "class_name": class_name,
+            "image": f"./{CLASSES[class_name]}/Dockerfile",
+        }
         base = (base_images or {}).get(CLASSES[class_name])
         if base:
             entry["image_vars"] = {"BASE": base}

@@ -68,6 +68,14 @@ def dev(
             "start), or 'off'."
         ),
     ] = "127.0.0.1:8789",
+    apply_deletions: Annotated[
+        bool,
+        typer.Option(
+            "--apply-deletions",
+            help="Confirm the config's deleted_classes migrations: remove those classes' "
+            "stored objects (without it, dev refuses to start).",
+        ),
+    ] = False,
 ) -> None:
     """Serve the project's worker locally, reloading it when a .py file changes."""
     from .dev import run_dev
@@ -88,6 +96,7 @@ def dev(
                 access_log=access_log,
                 debug_errors=debug_errors,
                 dashboard=None if dashboard == "off" else parse_address(dashboard, "--dashboard"),
+                apply_deletions=apply_deletions,
             )
         )
     )

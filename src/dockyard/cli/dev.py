@@ -56,10 +56,11 @@ def run_dev(
     access_log: bool = True,
     debug_errors: bool = False,
     dashboard: tuple[str, int] | None = None,
+    apply_deletions: bool = False,
 ) -> int:
     configure_logging(access_log=access_log)
     settings = Settings(
-        objects=ObjectSettings(idle_timeout=object_idle_timeout),
+        objects=ObjectSettings(idle_timeout=object_idle_timeout, apply_deletions=apply_deletions),
         containers=ContainerSettings(debug_errors=debug_errors),
     )
     app = App(directory, config_path=config_path, settings=settings)

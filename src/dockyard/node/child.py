@@ -44,7 +44,7 @@ from ..gateway.handoff import HandoffServer
 from ..gateway.server import Gateway
 from ..http import Request, Response
 from ..observe.records import LogRecord
-from ..settings import Settings
+from ..settings import ObjectSettings, Settings
 from ..watchdog import LoopWatchdog
 from ..worker import load_worker
 from .appproc import Launch, process_dir
@@ -65,7 +65,9 @@ NODE_SETTINGS = {"exit_grace"}
 
 def settings_for(launch: Launch) -> Settings:
     sections: dict[str, Any] = {}
-    base = Settings(state_dir=Path(launch.state_dir))
+    # A deploy applies its migrations' deleted_classes, as Cloudflare's does: the deploy
+    # is the confirmation that dev asks for with --apply-deletions.
+    base = Settings(state_dir=Path(launch.state_dir), objects=ObjectSettings(apply_deletions=True))
     for name, value in launch.settings.items():
         if name not in SETTINGS:
             if name not in NODE_SETTINGS:
@@ -111,6 +113,10 @@ class Child:
             # Before a previous process is told to stop: a version whose worker does not
             # import never takes over. (App.start imports it again.)
             load_worker(app.config.main_path, app.project_dir, app.state_dir)
+            # Likewise a migration that would be refused (a rename onto stored objects, a
+            # class left with no binding): checked read-only, the state is not ours yet.
+            if app.host.migrations is not None:
+                app.host.migrations.check()
         except (DockyardError, OSError) as exc:
             log.error("%s", exc)
             return 1

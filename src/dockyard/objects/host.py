@@ -5,6 +5,9 @@ considered, as on Cloudflare) and interleave only at ``await`` points. An instan
 nothing in flight, no open WebSocket, no ``wait_until`` work and no
 ``_dockyard_keep_alive()`` is evicted after ``idle_timeout`` seconds and rebuilt on the
 next call with its storage intact.
+
+``start()`` first applies the class migrations given as ``migrations`` (see
+``objects.migrations``): before any object file or alarm index is opened.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from .alarms import AlarmInfo, AlarmScheduler, AlarmSlot
 from .base import DurableObject, DurableObjectState
 from .cell import Cell
 from .files import OpenFiles
-from .ids import DurableObjectId
+from .ids import DurableObjectId, IdFactory
+from .migrations import ClassMigrations
 from .namespace import DurableObjectNamespace
 from .storage import DurableObjectStorage
 
@@ -60,13 +64,17 @@ class ObjectHost:
         app: str,
         idle_timeout: float = 70.0,
         open_files: OpenFiles | None = None,
+        migrations: ClassMigrations | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.migrations = migrations
         self._open_files = open_files
         self.app = app
         self.idle_timeout = idle_timeout
         self._objects_dir = self.state_dir / "objects"
         self._namespaces: dict[str, DurableObjectNamespace] = {}
+        self._ids: dict[str, IdFactory] = {}
+        self._id_keys: dict[str, str] = {}
         self._classes: dict[str, type[DurableObject]] = {}
         self._extensions: dict[str, ContextExtension] = {}
         self._env: object = None
@@ -85,6 +93,11 @@ class ObjectHost:
         if self._running:
             return
         self._objects_dir.mkdir(parents=True, exist_ok=True)
+        if self.migrations is not None:
+            # Synchronous and before anything opens a file: a rename moves whole folders.
+            self._id_keys = self.migrations.apply()
+            for class_name, ids in self._ids.items():
+                ids.rekey(self._id_keys.get(class_name))
         await self.alarms.start()
         self._running = True
 
@@ -132,7 +145,10 @@ class ObjectHost:
                 raise ObjectError(
                     f"Durable Object class name {class_name!r} must be a Python identifier"
                 )
-            namespace = DurableObjectNamespace(class_name, app=self.app, delivery=self)
+            ids = self._ids[class_name] = IdFactory(
+                self.app, class_name, self._id_keys.get(class_name)
+            )
+            namespace = DurableObjectNamespace(class_name, app=self.app, delivery=self, ids=ids)
             self._namespaces[class_name] = namespace
         return namespace
 

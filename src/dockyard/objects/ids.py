@@ -1,9 +1,11 @@
 """Durable Object ids: 64 hex characters, made and checked by one namespace.
 
 An id is 32 bytes: a 16-byte body and a 16-byte tag, ``HMAC-SHA256(key, body)``, where the
-key is the app and class name. A named id's body is ``HMAC-SHA256(key, name)``, so
-``id_from_name`` is deterministic and stable across restarts; a unique id's body is random.
-The tag lets ``id_from_string`` refuse an id that another namespace made.
+key is the app and the class's id key: its name, or for a renamed class the id key of the
+class it was renamed from (see ``objects.migrations``). A named id's body is
+``HMAC-SHA256(key, name)``, so ``id_from_name`` is deterministic and stable across restarts;
+a unique id's body is random. The tag lets ``id_from_string`` refuse an id that another
+namespace made.
 
 Names are at most 1024 bytes of UTF-8 (Cloudflare documents no limit). A name is an
 address, not data: 1 KiB holds any URL path, e-mail address, user or tenant id with
@@ -67,10 +69,19 @@ class IdFactory:
     NAME_CACHE_BYTES = 1024 * 1024
     _ENTRY_OVERHEAD = 256
 
-    def __init__(self, app: str, class_name: str) -> None:
+    def __init__(self, app: str, class_name: str, id_key: str | None = None) -> None:
         self.class_name = class_name
-        self._key = f"{app}\x00{class_name}".encode()
+        self._app = app
         self._named: dict[str, DurableObjectId] = {}
+        self._named_bytes = 0
+        self.rekey(id_key)
+
+    def rekey(self, id_key: str | None) -> None:
+        """Make ids with ``id_key`` (None: the class name), as migrations decided; before
+        the host starts, so no id of the previous key is in use."""
+        self.id_key = id_key or self.class_name
+        self._key = f"{self._app}\x00{self.id_key}".encode()
+        self._named.clear()
         self._named_bytes = 0
 
     def _mac(self, message: bytes) -> bytes:

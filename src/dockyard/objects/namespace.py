@@ -13,9 +13,16 @@ __all__ = ["DurableObjectNamespace"]
 
 
 class DurableObjectNamespace:
-    def __init__(self, class_name: str, *, app: str, delivery: ObjectDelivery) -> None:
+    def __init__(
+        self,
+        class_name: str,
+        *,
+        app: str,
+        delivery: ObjectDelivery,
+        ids: IdFactory | None = None,
+    ) -> None:
         self.class_name = class_name
-        self._ids = IdFactory(app, class_name)
+        self._ids = ids or IdFactory(app, class_name)
         self._delivery = delivery
 
     def __repr__(self) -> str:
