@@ -455,3 +455,45 @@ async def test_a_runtime_that_cannot_pull_says_so() -> None:
             build_args={},
             on_output=print,
         )
+
+
+@pytest.mark.docker
+@needs_registry
+@pytest.mark.slow
+async def test_deploy_pulls_a_private_image_with_the_docker_login_credentials(
+    docker_runtime: DockerRuntime, pushed: Pushed, proxy: str, docker_config: Path
+) -> None:
+    """`dockyard deploy` of a class whose image is in a registry that wants a login
+    pulls it as dev does (with what `docker login` stored), then pushes it to the node."""
+    from dockyard.cli.deploy import _build_and_push
+    from dockyard.config import load_config
+    from dockyard.node.client import NodeClient
+
+    ref = pushed.tag_ref.replace(pushed.tag_ref.split("/")[0], proxy, 1)
+    secret = base64.b64encode(f"x:{TOKEN}".encode()).decode()
+    (docker_config / "config.json").write_text(
+        json.dumps({"auths": {f"http://{proxy}/v2/": {"auth": secret}}})
+    )
+    project = docker_config.parent / "project"
+    project.mkdir()
+    (project / "worker.py").write_text(
+        "from dockyard import Container\n\n\nclass Api(Container):\n    default_port = 8080\n"
+    )
+    (project / "wrangler.jsonc").write_text(
+        json.dumps(
+            {
+                "name": "pulled",
+                "main": "worker.py",
+                "containers": [{"class_name": "Api", "image": ref}],
+                "durable_objects": {"bindings": [{"name": "API", "class_name": "Api"}]},
+                "migrations": [{"tag": "v1", "new_sqlite_classes": ["Api"]}],
+            }
+        )
+    )
+    config = load_config(project)
+    # The same token-checking registry stands for the node's own.
+    begun = {"registry": proxy, "deploy_id": "d1", "repositories": {"Api": "pulled/api"}}
+    async with NodeClient(f"http://{proxy}", TOKEN) as client:
+        digests = await _build_and_push(config, begun, client)
+    assert digests["Api"].startswith("sha256:")
+    assert await docker_runtime.image_id(ref) == pushed.image_id

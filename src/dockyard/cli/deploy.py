@@ -104,9 +104,8 @@ async def _build_and_push(
             dockerfile = container.dockerfile_path if container.is_dockerfile else None
             if dockerfile is not None:
                 err.print(f"[bold]{markup_safe(name)}[/]: building {markup_safe(dockerfile)}")
-            elif await runtime.image_id(container.image) is None:
-                err.print(f"[bold]{markup_safe(name)}[/]: pulling {markup_safe(container.image)}")
-                await runtime.pull(container.image)
+            # A missing image naming a registry is pulled there as in dev, with the
+            # credentials `docker login` stored (containers/pulling.py).
             local = await ensure_image(
                 runtime,
                 app=config.name,
