@@ -117,7 +117,8 @@ async def test_lines_carry_their_stream_time_and_labels(
         names.CLASS: "Counter",
         names.OBJECT: "0f" * 32,
         names.NAME: "first",
-        names.VERSION: "7",
+        names.VERSION: "123456789012",  # an image hash that happens to be all digits
+        names.DEPLOY: "7",
     }
     before = time.time()
     info = await run_sh(

@@ -126,7 +126,7 @@ def test_logs_events_tail_metrics_and_usage(node: Node, tmp_path: Path) -> None:
         assert at - asked < 10
         assert booted["source"] == "container" and booted["stream"] == "stdout"
         assert booted["class_name"] == "Web" and booted["object_name"] == "room-1"
-        assert booted["container_id"]
+        assert booted["container_id"] and booted["version"] == 1  # the deploy's number
         _, warming = tail.wait_for(lambda r: r.get("message") == f"warming {marker}", 10)
         assert warming["stream"] == "stderr"
         _, worker = tail.wait_for(lambda r: r.get("message") == f"worker saw {marker}", 10)

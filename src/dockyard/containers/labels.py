@@ -15,6 +15,7 @@ from pathlib import Path
 __all__ = [
     "APP",
     "CLASS",
+    "DEPLOY",
     "DISK_MB",
     "MEMORY_MIB",
     "NAME",
@@ -33,7 +34,10 @@ APP = "dockyard.app"
 CLASS = "dockyard.class"
 OBJECT = "dockyard.object_id"
 NAME = "dockyard.object_name"
+# The content hash of the image it runs (what adoption and rollouts compare).
 VERSION = "dockyard.version"
+# On a node: the number of the deployed version whose app process started it.
+DEPLOY = "dockyard.deploy"
 OWNER = "dockyard.owner"
 # The instance type's provisioned size, as decimal strings: metering reads nothing else.
 VCPU = "dockyard.vcpu"

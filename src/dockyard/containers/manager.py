@@ -95,6 +95,8 @@ class ContainerManager:
         self._unsure: set[tuple[str, str]] = set()
         # Containers the platform itself stopped (at exit), so their end reads as a stop.
         self.platform_stops: set[str] = set()
+        # On a node, the deployed version this process runs (its containers' DEPLOY label).
+        self.deploy_version: int | None = None
         # On a node, images come built and pushed by `dockyard deploy` (class -> run
         # reference by digest), nothing is built here, and a container of an earlier
         # version is adopted as it is: a rollout, not a restart, replaces it.
@@ -382,6 +384,9 @@ class ContainerManager:
                 labels.OBJECT: supervisor.object_id,
                 labels.NAME: supervisor.object_name or "",
                 labels.VERSION: entry.version,
+                **(
+                    {} if self.deploy_version is None else {labels.DEPLOY: str(self.deploy_version)}
+                ),
                 labels.VCPU: f"{entry.vcpu:g}",
                 labels.MEMORY_MIB: str(resources.memory_mib),
                 labels.DISK_MB: str(resources.disk_mb),

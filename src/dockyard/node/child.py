@@ -120,6 +120,8 @@ class Child:
         except (DockyardError, OSError) as exc:
             log.error("%s", exc)
             return 1
+        if app.containers is not None:
+            app.containers.deploy_version = launch.version
         self.app = app
         watchdog = LoopWatchdog(loop, source_root=app.project_dir)
         watchdog.watch_signals((signal.SIGINT, signal.SIGTERM))
@@ -270,6 +272,8 @@ class Child:
         )
         if reloaded:
             self.launch = launch
+            if app.containers is not None:
+                app.containers.deploy_version = launch.version
             log.info("reloaded: now version %d", launch.version)
         return web.json_response({"reloaded": reloaded})
 

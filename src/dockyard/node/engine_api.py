@@ -79,7 +79,9 @@ CLOSE_GRACE = 1.0
 
 # VCPU is informative (CPU is metered from the cgroup); memory and disk sizes are billed,
 # so the node writes those labels itself from the limits it enforces.
-_APP_SETTABLE = frozenset({labels.CLASS, labels.OBJECT, labels.NAME, labels.VERSION, labels.VCPU})
+_APP_SETTABLE = frozenset(
+    {labels.CLASS, labels.OBJECT, labels.NAME, labels.VERSION, labels.DEPLOY, labels.VCPU}
+)
 # The engine's default set: an app may take back what Dockyard drops, nothing beyond.
 _ENGINE_DEFAULT_CAPS = frozenset(
     {

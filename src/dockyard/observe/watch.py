@@ -472,7 +472,8 @@ class EngineWatcher(AsyncClosing):
 
 def _fields(labels: Mapping[str, str], container_id: str) -> dict[str, Any]:
     """What every line of a container shares, from its labels."""
-    version = labels.get(label_names.VERSION, "")
+    # The deploy's number (nodes); VERSION is the image's hash, never a number to show.
+    version = labels.get(label_names.DEPLOY, "")
     return {
         "app": labels.get(label_names.APP, ""),
         "version": int(version) if version.isdigit() else None,
