@@ -29,12 +29,9 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
-import array
 import asyncio
-import json
 import logging
 import math
-import re
 import sqlite3
 import threading
 import time
@@ -47,7 +44,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DockyardError
-from .records import LEVELS, FilePosition, LogBatch, LogQuery, LogRecord
+from .logrows import (
+    ADDED_COLUMNS,
+    COLUMNS,
+    INDEX,
+    INSERT,
+    POSITION,
+    SCHEMA,
+    TOKEN,
+    batch_row,
+    opened,
+    record_row,
+    unpack_times,
+    where,
+)
+from .records import FilePosition, LogBatch, LogQuery, LogRecord
 
 __all__ = ["DROPPED_MESSAGE", "LogStore", "LogStoreStatistics"]
 
@@ -60,46 +71,6 @@ DROPPED_MESSAGE = "{} lines dropped"
 MAX_PENDING = 200_000
 BATCH = 5_000  # lines per transaction; the writer is woken early when this many wait
 CHUNK = 10_000  # rows per delete transaction when pruning
-UNKNOWN_LEVEL = len(LEVELS)  # an unknown level ranks above all: never filtered out
-
-_COLUMNS = (
-    "time, app, source, stream, level, version, class_name, object_id, object_name, "
-    "container_id, event, fields, message"
-)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS logs (
-    id INTEGER PRIMARY KEY, time REAL NOT NULL, app TEXT NOT NULL, source TEXT NOT NULL,
-    stream TEXT NOT NULL, level TEXT NOT NULL, version INTEGER, class_name TEXT NOT NULL,
-    object_id TEXT NOT NULL, object_name TEXT NOT NULL, container_id TEXT NOT NULL,
-    event TEXT NOT NULL, fields TEXT, message TEXT NOT NULL, level_rank INTEGER NOT NULL,
-    first REAL, lines INTEGER NOT NULL DEFAULT 1, times BLOB);
-CREATE INDEX IF NOT EXISTS logs_time ON logs (time);
-CREATE INDEX IF NOT EXISTS logs_app_time ON logs (app, time);
-CREATE INDEX IF NOT EXISTS logs_container_time ON logs (container_id, time);
-CREATE INDEX IF NOT EXISTS logs_object_time ON logs (object_id, time);
-CREATE VIRTUAL TABLE IF NOT EXISTS logs_fts USING fts5 (
-    message, content='logs', content_rowid='id');
-CREATE TRIGGER IF NOT EXISTS logs_fts_delete AFTER DELETE ON logs BEGIN
-    INSERT INTO logs_fts (logs_fts, rowid, message) VALUES ('delete', old.id, old.message); END;
-CREATE TABLE IF NOT EXISTS log_files (
-    container_id TEXT PRIMARY KEY, inode INTEGER NOT NULL, offset INTEGER NOT NULL,
-    time REAL NOT NULL);
-"""
-# Columns a store written before batches lacks (added in place, the rows kept).
-_ADDED = (("first", "REAL"), ("lines", "INTEGER NOT NULL DEFAULT 1"), ("times", "BLOB"))
-_INSERT = (
-    f"INSERT INTO logs ({_COLUMNS}, level_rank, first, lines, times) VALUES ({', '.join('?' * 17)})"
-)
-_POSITION = (
-    "INSERT INTO log_files (container_id, inode, offset, time) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (container_id) DO UPDATE SET inode = excluded.inode, "
-    "offset = excluded.offset, time = excluded.time"
-)
-_INDEX = "INSERT INTO logs_fts (rowid, message) SELECT id, message FROM logs WHERE id > ?"
-_NAMES = tuple(name.strip() for name in _COLUMNS.split(","))
-_EQUAL = ("app", "source", "class_name", "object_id", "container_id")
-_RANKS = {level: rank for rank, level in enumerate(LEVELS)}
-_TOKEN = re.compile(r"[^\W_]+")  # what FTS5's unicode61 tokenizer calls a word
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,12 +265,12 @@ class LogStore:
         limit = max(0, q.limit)
         if limit == 0:
             return []
-        where, params = _where(q)
+        conditions, params = where(q)
         # Newest first by each row's newest line; a batch row opens into its lines. Once
         # `limit` lines are found, a row whose newest line is older than all of them
         # cannot change the answer, nor can any row after it.
-        sql = f"SELECT id, {_COLUMNS}, times FROM logs {where} ORDER BY time DESC, id DESC"
-        words = [token.lower() for token in _TOKEN.findall(q.text or "")]
+        sql = f"SELECT id, {COLUMNS}, times FROM logs {conditions} ORDER BY time DESC, id DESC"
+        words = [token.lower() for token in TOKEN.findall(q.text or "")]
         found: list[tuple[float, int, int, LogRecord]] = []
         oldest_kept = -math.inf
         with self._reader_lock:
@@ -309,7 +280,7 @@ class LogStore:
                     if len(found) >= limit and rows[0][1] < oldest_kept:
                         break
                     for row in rows:
-                        found.extend(_opened(row, q, words))
+                        found.extend(opened(row, q, words))
                     if len(found) >= limit:
                         found.sort(reverse=True)
                         del found[limit:]
@@ -349,7 +320,9 @@ class LogStore:
                     "AND source = 'container'",
                     (cid, at),
                 ).fetchall()
-                count = sum(1 if times is None else _times(times).count(at) for (times,) in rows)
+                count = sum(
+                    1 if times is None else unpack_times(times).count(at) for (times,) in rows
+                )
                 kept[cid] = (at, count)
             return kept
 
@@ -416,11 +389,11 @@ class LogStore:
         for item in batch:
             try:
                 if isinstance(item, LogRecord):
-                    rows.append(_row(item))
+                    rows.append(record_row(item))
                     lines += 1
                     continue
                 if item.texts:
-                    rows.append(_batch_row(item))
+                    rows.append(batch_row(item))
                     lines += len(item.texts)
                 if item.position is not None:
                     at = item.times[-1] if item.times else time.time()
@@ -431,9 +404,9 @@ class LogStore:
         try:
             with _transaction(db):
                 (last,) = db.execute("SELECT coalesce(max(id), 0) FROM logs").fetchone()
-                db.executemany(_INSERT, rows)
-                db.execute(_INDEX, (last,))
-                db.executemany(_POSITION, positions)
+                db.executemany(INSERT, rows)
+                db.execute(INDEX, (last,))
+                db.executemany(POSITION, positions)
         except sqlite3.Error as exc:
             # A full disk or a broken file must not stop logging for good: drop, count, go on.
             log.warning("log store %s: %d lines not written: %s", self.path, lines, exc)
@@ -483,10 +456,11 @@ class LogStore:
             log.warning("log store %s: prune failed: %s", self.path, exc)
             return 0
 
-    def _delete_oldest(self, db: sqlite3.Connection, where: str, *params: Any, most: float) -> int:
-        sql = (
-            f"DELETE FROM logs WHERE id IN (SELECT id FROM logs {where} ORDER BY time, id LIMIT ?)"
-        )
+    def _delete_oldest(
+        self, db: sqlite3.Connection, condition: str, *params: Any, most: float
+    ) -> int:
+        oldest = f"SELECT id FROM logs {condition} ORDER BY time, id LIMIT ?"
+        sql = f"DELETE FROM logs WHERE id IN ({oldest})"
         removed, chunk = 0, CHUNK
         while removed < most and chunk == CHUNK:
             with _transaction(db):
@@ -502,9 +476,9 @@ class LogStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             writer = _connect(self.path)
-            writer.executescript(_SCHEMA)
+            writer.executescript(SCHEMA)
             present = {row[1] for row in writer.execute("PRAGMA table_info(logs)")}
-            for name, kind in _ADDED:
+            for name, kind in ADDED_COLUMNS:
                 if name not in present:
                     writer.execute(f"ALTER TABLE logs ADD COLUMN {name} {kind}")
             (self._rows,) = writer.execute("SELECT count(*) FROM logs").fetchone()
@@ -549,75 +523,3 @@ def _size(db: sqlite3.Connection) -> int:
     (free,) = db.execute("PRAGMA freelist_count").fetchone()
     (page_size,) = db.execute("PRAGMA page_size").fetchone()
     return int((pages - free) * page_size)
-
-
-def _row(r: LogRecord) -> tuple[Any, ...]:
-    fields = json.dumps(dict(r.fields), separators=(",", ":"), default=str) if r.fields else None
-    rank = _RANKS.get(r.level, UNKNOWN_LEVEL)
-    return (
-        float(r.time), r.app, r.source, r.stream, r.level, r.version, r.class_name,
-        r.object_id, r.object_name, r.container_id, r.event, fields, str(r.message), rank,
-        None, 1, None,
-    )  # fmt: skip
-
-
-def _batch_row(b: LogBatch) -> tuple[Any, ...]:
-    times = array.array("d", b.times)
-    if len(times) != len(b.texts) or any("\n" in text for text in b.texts):
-        raise ValueError("a batch needs one time per line and lines without newlines")
-    return (
-        times[-1], b.app, "container", b.stream, "info", b.version, b.class_name,
-        b.object_id, b.object_name, b.container_id, "", None, "\n".join(b.texts),
-        _RANKS["info"], times[0], len(times), times.tobytes(),
-    )  # fmt: skip
-
-
-def _times(blob: bytes) -> array.array[float]:
-    times = array.array("d")
-    times.frombytes(blob)
-    return times
-
-
-def _opened(
-    row: tuple[Any, ...], q: LogQuery, words: list[str]
-) -> list[tuple[float, int, int, LogRecord]]:
-    """A row as (time, id, line, record) entries: itself, or a batch's lines that match."""
-    row_id, *columns, times = row
-    data = dict(zip(_NAMES, columns, strict=True))
-    data["fields"] = json.loads(data["fields"]) if data["fields"] else {}
-    if times is None:
-        return [(data["time"], row_id, 0, LogRecord(**data))]
-    opened = []
-    for index, (at, text) in enumerate(
-        zip(_times(times), data["message"].split("\n"), strict=True)
-    ):
-        if q.since is not None and at < q.since:
-            continue
-        if q.until is not None and at >= q.until:
-            continue
-        if words and not _has_words(text, words):
-            continue
-        data["time"], data["message"] = at, text
-        opened.append((at, row_id, index, LogRecord(**data)))
-    return opened
-
-
-def _has_words(text: str, words: list[str]) -> bool:
-    """What the FTS5 match means, for one line: every word starts one of its words."""
-    own = _TOKEN.findall(text.lower())
-    return all(any(token.startswith(word) for token in own) for word in words)
-
-
-def _where(q: LogQuery) -> tuple[str, list[Any]]:
-    tokens = _TOKEN.findall(q.text or "")
-    conditions = [
-        *((f"{name} = ?", getattr(q, name)) for name in _EQUAL),
-        ("time >= ?", q.since),
-        ("coalesce(first, time) < ?", q.until),
-        ("level_rank >= ?", _RANKS.get(q.level or "")),  # an unknown minimum: no filter
-        ("id IN (SELECT rowid FROM logs_fts WHERE logs_fts MATCH ?)",
-         " ".join(f'"{token}"*' for token in tokens) or None),
-    ]  # fmt: skip
-    used = [(sql, value) for sql, value in conditions if value is not None]
-    where = " AND ".join(sql for sql, _ in used)
-    return (f"WHERE {where}" if where else ""), [value for _, value in used]
