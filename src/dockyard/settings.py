@@ -9,6 +9,7 @@ like) override the node's defaults where the class says so.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,12 @@ class ContainerSettings:
     engine_timeout: float = 5.0
     # Where the app's containers report to run: the container's DOCKYARD_LOCATION.
     location: str = "local"
+    # Egress control (containers/egress_proxy.py): the port of the proxy on the container's
+    # own loopback (HTTP_PROXY=http://127.0.0.1:<port>), and names the proxy resolves
+    # itself, as curl --resolve: "host" or "host:port" -> "ip" or "ip:port". Only a name
+    # mapped here may be forwarded to the host's own loopback.
+    egress_proxy_port: int = 15080
+    egress_hosts: Mapping[str, str] = field(default_factory=dict)
     # Show error details (start failures, container output) to HTTP clients.
     # Off by default: clients see a short message and an error id; the log has the rest.
     debug_errors: bool = False

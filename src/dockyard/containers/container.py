@@ -40,6 +40,7 @@ from .api_shapes import (
     takes_two,
     within,
 )
+from .outbound import EgressRules, Handler
 from .proxy import forward_http, forward_websocket
 from .readiness import Readiness
 from .runtime import ExecProcess, ExecResult
@@ -56,6 +57,8 @@ SWITCH_PORT_HEADER = "dockyard-container-target-port"
 CF_SWITCH_PORT_HEADER = "cf-container-target-port"
 # Where the container's last known state is kept, in the object's internal storage.
 STATE_KEY = "container_state"
+# Egress rules changed at runtime by the setters (kept across restarts, as Cloudflare's).
+EGRESS_KEY = "egress_overrides"
 
 
 class Container(DurableObject):
@@ -91,6 +94,15 @@ class Container(DurableObject):
     cap_add: ClassVar[list[str]] = []
     pids_limit: ClassVar[int | None] = None
     read_only_root: ClassVar[bool] = False
+    # Egress control (docs/egress.md, Cloudflare's semantics): host globs ("*" matches any
+    # run of characters). allowed_hosts set (even empty) denies every other host;
+    # denied_hosts always wins. Handlers answer the container's outbound HTTP requests
+    # from here: ``outbound`` (a method ``async def outbound(self, request)``) catches
+    # all, ``outbound_by_host`` maps a host glob to a method (or its name). Blocked: 520.
+    allowed_hosts: ClassVar[list[str] | None] = None
+    denied_hosts: ClassVar[list[str]] = []
+    outbound: ClassVar[Handler | None] = None
+    outbound_by_host: ClassVar[dict[str, Handler]] = {}
 
     def __init__(self, ctx: Any, env: Any) -> None:
         super().__init__(ctx, env)
@@ -104,7 +116,7 @@ class Container(DurableObject):
         storage = ctx.storage
         supervisor.attach(
             self,
-            _options(type(self), supervisor),
+            _options(type(self), supervisor, storage.internal.get(EGRESS_KEY) or {}),
             lambda state: storage.internal.put(STATE_KEY, state),
             storage.internal.get(STATE_KEY),
         )
@@ -447,7 +459,67 @@ class Container(DurableObject):
         else:
             await self.ctx.storage.delete_alarm()
 
+    # Egress control: each change applies to the next request the container sends, and is
+    # kept in the object's storage (it outlives a restart, as Cloudflare's does).
+
+    async def set_allowed_hosts(self, hosts: list[str]) -> None:
+        """Replace the allowlist: only hosts matching it may be reached from now on."""
+        await _change_egress(self, allowed_hosts=_host_list(hosts, "set_allowed_hosts"))
+
+    async def set_denied_hosts(self, hosts: list[str]) -> None:
+        """Replace the denylist: matching hosts are blocked whatever else allows them."""
+        await _change_egress(self, denied_hosts=_host_list(hosts, "set_denied_hosts"))
+
+    async def allow_host(self, host: str) -> None:
+        """Add one host (or glob) to the allowlist (creating it: others are then denied)."""
+        current = list(_supervisor(self).egress_rules.allowed_hosts or [])
+        await _change_egress(self, allowed_hosts=_with(current, host, "allow_host"))
+
+    async def deny_host(self, host: str) -> None:
+        current = list(_supervisor(self).egress_rules.denied_hosts)
+        await _change_egress(self, denied_hosts=_with(current, host, "deny_host"))
+
+    async def remove_allowed_host(self, host: str) -> None:
+        """Drop one entry; an allowlist left empty still denies everything."""
+        current = _supervisor(self).egress_rules.allowed_hosts or ()
+        await _change_egress(self, allowed_hosts=[h for h in current if h != host])
+
+    async def remove_denied_host(self, host: str) -> None:
+        current = _supervisor(self).egress_rules.denied_hosts
+        await _change_egress(self, denied_hosts=[h for h in current if h != host])
+
+    async def set_outbound_handler(self, method_name: str) -> None:
+        """Make the method ``method_name`` the catch-all outbound handler."""
+        await _change_egress(self, outbound=_method_name(self, method_name))
+
+    async def set_outbound_by_host(self, host: str, method_name: str) -> None:
+        """Answer requests to ``host`` (a glob) with the method ``method_name``."""
+        by_host = dict(_stored_egress(self).get("outbound_by_host") or {})
+        by_host[host] = _method_name(self, method_name)
+        await _change_egress(self, outbound_by_host=by_host)
+
+    async def set_outbound_by_hosts(self, handlers: Mapping[str, str]) -> None:
+        """Replace every handler set at runtime by host (the class's own stay)."""
+        by_host = {host: _method_name(self, name) for host, name in handlers.items()}
+        await _change_egress(self, outbound_by_host=by_host)
+
+    async def remove_outbound_by_host(self, host: str) -> None:
+        """Drop a runtime handler for ``host``; the class's own, if any, applies again."""
+        by_host = dict(_stored_egress(self).get("outbound_by_host") or {})
+        by_host.pop(host, None)
+        await _change_egress(self, outbound_by_host=by_host)
+
     # Cloudflare's names, so a class ported from TypeScript calls the same methods.
+    setAllowedHosts = set_allowed_hosts
+    setDeniedHosts = set_denied_hosts
+    allowHost = allow_host
+    denyHost = deny_host
+    removeAllowedHost = remove_allowed_host
+    removeDeniedHost = remove_denied_host
+    setOutboundHandler = set_outbound_handler
+    setOutboundByHost = set_outbound_by_host
+    setOutboundByHosts = set_outbound_by_hosts
+    removeOutboundByHost = remove_outbound_by_host
     startAndWaitForPorts = start_and_wait_for_ports
     waitForPort = wait_for_port
     getState = get_state
@@ -488,7 +560,9 @@ def _schedules(instance: Container) -> ScheduleTable:
 _TABLES: weakref.WeakKeyDictionary[Any, ScheduleTable] = weakref.WeakKeyDictionary()
 
 
-def _options(cls: type[Container], supervisor: ContainerSupervisor) -> ContainerOptions:
+def _options(
+    cls: type[Container], supervisor: ContainerSupervisor, egress: Mapping[str, Any]
+) -> ContainerOptions:
     name = cls.__name__
     if cls.sleep_mode not in ("stop", "pause"):
         raise ContainerError(f"{name}.sleep_mode must be 'stop' or 'pause', got {cls.sleep_mode!r}")
@@ -514,7 +588,71 @@ def _options(cls: type[Container], supervisor: ContainerSupervisor) -> Container
         pids_limit=cls.pids_limit,
         read_only_root=cls.read_only_root,
         labels=tuple((str(k), str(v)) for k, v in cls.labels.items()),
+        egress=_egress_rules(cls, egress, cls.enable_internet),
     )
+
+
+def _egress_rules(
+    cls: type[Container], overrides: Mapping[str, Any], enable_internet: bool
+) -> EgressRules:
+    """The class's rules (snake_case, or Cloudflare's camelCase names) with the runtime
+    changes kept in ``overrides``."""
+    allowed = cls.allowed_hosts
+    if allowed is None:
+        allowed = getattr(cls, "allowedHosts", None)
+    denied = cls.denied_hosts or getattr(cls, "deniedHosts", None) or []
+    by_host = dict(cls.outbound_by_host or getattr(cls, "outboundByHost", None) or {})
+    catch_all: Handler | None = cls.outbound
+    if inspect.isfunction(catch_all):
+        catch_all = "outbound"  # a method of the class: called on the instance
+    if "allowed_hosts" in overrides:
+        allowed = overrides["allowed_hosts"]
+    if "denied_hosts" in overrides:
+        denied = overrides["denied_hosts"]
+    if overrides.get("outbound"):
+        catch_all = overrides["outbound"]
+    by_host.update(overrides.get("outbound_by_host") or {})
+    return EgressRules(
+        enable_internet=enable_internet,
+        allowed_hosts=None if allowed is None else tuple(_host_list(allowed, cls.__name__)),
+        denied_hosts=tuple(_host_list(denied, cls.__name__)),
+        outbound=catch_all,
+        outbound_by_host=by_host,
+    )
+
+
+def _stored_egress(instance: Container) -> dict[str, Any]:
+    return dict(instance.ctx.storage.internal.get(EGRESS_KEY) or {})
+
+
+async def _change_egress(instance: Container, **changes: Any) -> None:
+    overrides = {**_stored_egress(instance), **changes}
+    instance.ctx.storage.internal.put(EGRESS_KEY, overrides)
+    supervisor = _supervisor(instance)
+    running = supervisor.egress_rules.enable_internet
+    supervisor.set_egress_rules(_egress_rules(type(instance), overrides, running))
+
+
+def _host_list(hosts: Any, where: str) -> list[str]:
+    if isinstance(hosts, str) or not all(isinstance(h, str) for h in hosts):
+        raise ContainerError(f"{where}: hosts must be a list of strings, got {hosts!r}")
+    return list(hosts)
+
+
+def _with(hosts: list[str], host: str, where: str) -> list[str]:
+    if not isinstance(host, str) or not host:
+        raise ContainerError(f"{where}: give a host name or glob, got {host!r}")
+    return hosts if host in hosts else [*hosts, host]
+
+
+def _method_name(instance: Container, name: str) -> str:
+    if (
+        not isinstance(name, str)
+        or name.startswith("_")
+        or not callable(getattr(instance, name, None))
+    ):
+        raise ContainerError(f"{type(instance).__name__} has no public method {name!r}")
+    return name
 
 
 async def _camel_hook(instance: Container, name: str, *args: Any) -> bool:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -30,7 +31,7 @@ from aiodocker.exceptions import DockerError, DockerStreamError
 from aiodocker.stream import Stream
 
 from dockyard._closing import AsyncClosing
-from dockyard.containers import egress
+from dockyard.containers import egress, netns
 from dockyard.containers.images import context_archive
 from dockyard.containers.runtime import (
     ContainerEvent,
@@ -501,6 +502,24 @@ class DockerRuntime(AsyncClosing):
                 "beside a local engine with iptables)"
             )
         self._network_ready = True
+
+    @property
+    def egress_listeners(self) -> str | None:
+        """See `EgressListeners`: entering a container's namespace needs root and the
+        engine's processes in this process's /proc (a local engine)."""
+        if not self.engine_address.startswith("unix://"):
+            return f"a local engine (this one is {self.engine_address})"
+        if os.geteuid() != 0:
+            return "Dockyard running as root"
+        return None
+
+    async def listen_in_container(self, container_id: str, port: int) -> socket.socket:
+        async with self._short_call("inspect a container", container_id=container_id):
+            data = await self._client().containers.container(container_id).show()
+        pid = int((data.get("State") or {}).get("Pid") or 0)
+        if pid <= 0:
+            raise ContainerError(f"container {container_id[:12]} is not running")
+        return await netns.listen_in_namespace(pid, port)
 
     async def remove_no_internet_network(self) -> None:
         """Remove the no-internet network and its firewall rule; a no-op when absent.

@@ -28,6 +28,7 @@ import base64
 import builtins
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -53,6 +54,7 @@ from dockyard.errors import (
 )
 
 from .._closing import AsyncClosing
+from .egress_handoff import egress_socket_path, request_listener
 
 __all__ = ["RemoteExecProcess", "RemoteRuntime"]
 
@@ -121,6 +123,18 @@ class RemoteRuntime(AsyncClosing):
     @property
     def capabilities(self) -> RuntimeCapabilities:
         return self._capabilities
+
+    # EgressListeners: the node makes the socket and hands it over (egress_handoff.py).
+
+    @property
+    def egress_listeners(self) -> str | None:
+        if egress_socket_path(self.socket_path).exists():
+            return None
+        return "a node that runs as root beside a local engine (this node offers no egress socket)"
+
+    async def listen_in_container(self, container_id: str, port: int) -> socket.socket:
+        path = egress_socket_path(self.socket_path)
+        return await request_listener(path, container_id, port, error_from_body)
 
     async def aclose(self) -> None:
         if self._session is not None:

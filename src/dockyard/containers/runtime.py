@@ -7,6 +7,7 @@ API, and tests may pass a small fake that implements only the concern it needs:
     ImageStore           build_image, image_id
     ImagePorts           exposed_ports (optional: a runtime without it exposes nothing)
     ImagePuller          pull (optional: a runtime without it pulls nothing)
+    EgressListeners      listen_in_container (optional: egress control needs it)
     ContainerLifecycle   run, inspect, wait, signal, stop, pause, unpause, set_cpu_limit,
                          kill, remove, list, engine_info
     ContainerExec        exec, exec_stream
@@ -49,6 +50,7 @@ overridable per spec):
 from __future__ import annotations
 
 import builtins
+import socket
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -71,6 +73,7 @@ __all__ = [
     "ContainerRuntime",
     "ContainerSpec",
     "ContainerStats",
+    "EgressListeners",
     "EngineInfo",
     "ExecProcess",
     "ExecResult",
@@ -270,6 +273,25 @@ class ImagePuller(Protocol):
         credentials, or has no such image, tag or digest; `EngineUnavailable` when the
         engine itself does not answer.
         """
+        ...
+
+
+@runtime_checkable
+class EgressListeners(Protocol):
+    """Listening sockets inside a container's own network namespace, served by this
+    process (the egress proxy of containers/egress_proxy.py). Optional: a runtime without it
+    runs no class that uses egress control."""
+
+    @property
+    def egress_listeners(self) -> str | None:
+        """None when `listen_in_container` can work here; else what it needs (a sentence:
+        "root", "a local engine", ...)."""
+        ...
+
+    async def listen_in_container(self, container_id: str, port: int) -> socket.socket:
+        """A non-blocking socket listening on 127.0.0.1:`port` as the running container
+        sees it. Raises `ContainerError` when the container's namespace cannot be entered
+        or the port is taken there."""
         ...
 
 

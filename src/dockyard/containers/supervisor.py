@@ -32,7 +32,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..errors import (
@@ -44,8 +44,11 @@ from ..errors import (
     StartFailed,
     TooManyStarts,
 )
+from ..http import Request, Response
+from .egress_proxy import EgressProxy
+from .outbound import EgressRules, Handler, call_handler, proxy_env
 from .readiness import Readiness, wait_for_port
-from .runtime import ContainerInfo, ExitStatus
+from .runtime import ContainerInfo, EgressListeners, ExitStatus
 from .state import State, Status, StopParams, StopReason
 
 if TYPE_CHECKING:
@@ -107,6 +110,8 @@ class ContainerOptions:
     read_only_root: bool = False
     # The class's own engine labels (never a "dockyard." one: the manager refuses those).
     labels: tuple[tuple[str, str], ...] = ()
+    # Egress control (outbound.py): the class's rules with its stored runtime changes.
+    egress: EgressRules = field(default_factory=EgressRules)
 
     @property
     def ports_to_check(self) -> list[int]:
@@ -195,6 +200,9 @@ class ContainerSupervisor:
         self._gate.set()
         self._gated = 0
         self._drained = asyncio.Event()
+        # What the egress proxy applies, read per request (setters change it live).
+        self.egress_rules = EgressRules()
+        self._egress_proxy: EgressProxy | None = None
 
     def __repr__(self) -> str:
         return f"container {self.class_name}({self.object_name or self.object_id[:12]})"
@@ -211,6 +219,7 @@ class ContainerSupervisor:
         """A (new) instance of the object takes over hooks and the stored state."""
         self._hooks = hooks
         self.options = options
+        self.egress_rules = options.egress
         self._persist = persist
         if not self._restored:
             self._restored = True
@@ -452,6 +461,10 @@ class ContainerSupervisor:
         else:
             self._enter(Phase.HEALTHY)
         self._watch()
+        if self.egress_rules.needs_proxy and self._egress_unavailable() is None:
+            # The proxy died with the process that ran it; the container still has its
+            # environment pointing at the port, so listen there again.
+            self.own(asyncio.get_running_loop().create_task(self._open_egress()))
         log.info("%s adopted running container %s", self, info.name)
 
     async def let_go(self) -> None:
@@ -467,6 +480,7 @@ class ContainerSupervisor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._close_egress()
 
     async def aclose(self, grace: float) -> None:
         """Platform shutdown: stop the container (SIGTERM, SIGKILL after ``grace``)."""
@@ -490,6 +504,7 @@ class ContainerSupervisor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._close_egress()
 
     # -- starting --------------------------------------------------------------------------
 
@@ -577,6 +592,12 @@ class ContainerSupervisor:
             if overrides.enable_internet is None
             else overrides.enable_internet
         )
+        self.egress_rules = self.egress_rules.replace(enable_internet=internet)
+        if self.egress_rules.needs_proxy:
+            self._check_egress(options)
+            # Off the internet; the proxy on the container's loopback is its way out.
+            env = {**env, **proxy_env(self.manager.settings.egress_proxy_port)}
+            internet = False
         try:
             async with asyncio.timeout(options.start_timeout):
                 self.info = await self.manager.launch(
@@ -599,6 +620,8 @@ class ContainerSupervisor:
         self._watch()
         self.renew()
         self._enter(Phase.RUNNING)
+        if self.egress_rules.needs_proxy:
+            await self._open_egress()
         self._arm_timer()
         if not ports and boost and options.ports_to_check:
             # A start that waits for no port (start_and_wait_for_ports() waits after it):
@@ -667,6 +690,69 @@ class ContainerSupervisor:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), self.manager.settings.exit_record_timeout)
 
+    # -- egress control (outbound.py) ---------------------------------------------------
+
+    def _egress_unavailable(self) -> str | None:
+        runtime = self.manager.runtime
+        if not isinstance(runtime, EgressListeners):
+            return "a runtime that can listen inside containers (see EgressListeners)"
+        return runtime.egress_listeners
+
+    def _check_egress(self, options: ContainerOptions) -> None:
+        """Refuse to start a container whose egress rules could not be applied: never run
+        it with its traffic let out."""
+        missing = self._egress_unavailable()
+        port = self.manager.settings.egress_proxy_port
+        if missing is None and port in options.declared_ports:
+            missing = f"a proxy port other than {port}, which the class declares"
+        if missing is not None:
+            raise StartFailed(
+                f"{self.class_name} uses egress control (allowed_hosts, denied_hosts or "
+                f"outbound handlers), which needs {missing}; see docs/egress.md"
+            )
+
+    async def _open_egress(self) -> None:
+        """Listen for the container's outbound HTTP inside its own namespace."""
+        info = self.info
+        runtime = self.manager.runtime
+        assert info is not None and isinstance(runtime, EgressListeners)
+        settings = self.manager.settings
+        sock = await runtime.listen_in_container(info.id, settings.egress_proxy_port)
+        proxy = EgressProxy(
+            repr(self),
+            lambda: self.egress_rules,
+            self._run_outbound,
+            self.manager.session,
+            hosts=settings.egress_hosts,
+        )
+        try:
+            await proxy.start(sock)
+        except BaseException:
+            sock.close()
+            raise
+        await self._close_egress()
+        self._egress_proxy = proxy
+
+    async def _close_egress(self) -> None:
+        proxy, self._egress_proxy = self._egress_proxy, None
+        if proxy is not None:
+            await proxy.aclose()
+
+    async def _run_outbound(self, handler: Handler, request: Request) -> Response:
+        hooks = await self._attached_hooks()
+        if hooks is None:
+            raise ContainerError(f"{self}: no instance of the object to run the handler")
+        return await call_handler(hooks, handler, request)
+
+    def set_egress_rules(self, rules: EgressRules) -> None:
+        """New rules from a setter: the proxy applies them from the next request."""
+        self.egress_rules = rules
+        if rules.needs_proxy and self.info is not None and self._egress_proxy is None:
+            log.warning(
+                "%s runs without an egress proxy; the new rules apply from its next start",
+                self,
+            )
+
     # -- the exit monitor -------------------------------------------------------------------
 
     def _watch(self) -> None:
@@ -693,6 +779,7 @@ class ContainerSupervisor:
         self.info = None
         self._ready_ports = set()
         self._cancel_timer()
+        await self._close_egress()
         self.manager.exited(self, info.id)
         if reason == "oom":
             log.warning("%s was killed for running out of memory", self)

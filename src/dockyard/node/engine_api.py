@@ -20,6 +20,9 @@ The policy, enforced here and nowhere else:
   container".
 - `list` always filtered by the forced labels; `build_image` has no route; `image_id`
   and `exposed_ports` answer only for allowed images.
+- Beside the engine socket, `egress.sock` (containers/egress_handoff.py, served only when
+  the node can enter containers' namespaces) hands the app a listening socket inside one
+  of its own running containers, for its egress proxy; nothing else.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import logging
 import math
 import os
 import re
+import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +45,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dockyard.containers import labels
+from dockyard.containers.egress_handoff import ListenServer, egress_socket_path
 from dockyard.containers.remote import (
     CAPABILITIES,
     ENGINE,
@@ -58,6 +63,7 @@ from dockyard.containers.runtime import (
     ContainerInfo,
     ContainerRuntime,
     ContainerSpec,
+    EgressListeners,
     EngineInfo,
     ImagePorts,
 )
@@ -157,6 +163,8 @@ A = TypeVar("A", bound=_Args)
 class _Served:
     runner: web.AppRunner
     socket_path: Path
+    # The app's egress socket (egress_handoff.py), when this node can listen in containers.
+    egress: ListenServer | None = None
 
 
 class EngineApi(AsyncClosing):
@@ -187,8 +195,9 @@ class EngineApi(AsyncClosing):
         """Serve `app` on `socket_path` (replacing a socket already served for it)."""
         await self.close(app)
         socket_path = Path(socket_path)
+        engine = _AppEngine(self, app, allowed_images)
         runner = web.AppRunner(
-            _AppEngine(self, app, allowed_images).web_app(),
+            engine.web_app(),
             access_log=None,
             # A client that hangs up (a closed `logs` iterator) ends its handler too.
             handler_cancellation=True,
@@ -206,7 +215,19 @@ class EngineApi(AsyncClosing):
             await runner.cleanup()
             socket_path.unlink(missing_ok=True)
             raise
-        self._served[app] = _Served(runner, socket_path)
+        served = self._served[app] = _Served(runner, socket_path)
+        runtime = self.runtime
+        if isinstance(runtime, EgressListeners) and runtime.egress_listeners is None:
+            egress = ListenServer(
+                egress_socket_path(socket_path), engine.listen_in_container, _egress_error
+            )
+            try:
+                await egress.start(uid)
+            except OSError as exc:
+                # The app still runs; only its classes with egress rules fail to start.
+                log.error("app %s: cannot serve its egress socket: %s", app, exc)
+            else:
+                served.egress = egress
 
     async def close(self, app: str) -> None:
         """Stop serving `app`; a no-op when it is not served."""
@@ -214,6 +235,8 @@ class EngineApi(AsyncClosing):
         if served is None:
             return
         try:
+            if served.egress is not None:
+                await served.egress.aclose()
             await served.runner.cleanup()
         finally:
             served.socket_path.unlink(missing_ok=True)
@@ -300,6 +323,15 @@ class _AppEngine:
                 f"Could not {action}: container {args.container_id[:12]} does not exist"
             )
         return info
+
+    async def listen_in_container(self, container_id: str, port: int) -> socket.socket:
+        """A listening socket inside one of this app's running containers (egress)."""
+        args = _Target(container_id=container_id)
+        if not 1 <= port <= 65535:
+            raise ContainerError(f"port {port} is not a TCP port")
+        info = await self._own(args, "listen in a container")
+        assert isinstance(self.runtime, EgressListeners)
+        return await self.runtime.listen_in_container(info.id, port)
 
     def _check_image(self, ref: str) -> bool:
         return ref in self.allowed_images()
@@ -539,6 +571,15 @@ def _as_container_error(request: web.Request, exc: Exception) -> tuple[int, Cont
         return 400, ContainerError(f"Bad request to {request.path}: {where}: {first['msg']}")
     log.exception("Engine API call %s failed", request.path)
     return 500, ContainerError("The node's engine API failed on this call; see the node's log")
+
+
+def _egress_error(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, ValidationError):
+        exc = ContainerError(f"bad request: {exc.error_count()} invalid field(s)")
+    elif not isinstance(exc, ContainerError):
+        log.error("egress listener failed", exc_info=exc)
+        exc = ContainerError("the node could not make the listener")
+    return error_body(exc)
 
 
 def _error_response(request: web.Request, exc: Exception) -> web.Response:
