@@ -199,6 +199,31 @@ def test_unpack_round_trips_a_packed_project(tmp_path: Path) -> None:
         unpack(bundle, dest)
 
 
+def test_a_dockerfile_at_the_project_root_packs_and_unpacks(tmp_path: Path) -> None:
+    """The seed's layout: `"image": "./Dockerfile"`, so the build context is the project."""
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "worker.py").write_text(
+        "from dockyard import Container\n\n\nclass Web(Container):\n    default_port = 8080\n"
+    )
+    (project / "Dockerfile").write_text("FROM scratch\n")
+    (project / "wrangler.jsonc").write_text(
+        json.dumps(
+            {
+                "name": "rooted",
+                "main": "worker.py",
+                "containers": [{"class_name": "Web", "image": "./Dockerfile"}],
+                "durable_objects": {"bindings": [{"name": "WEB", "class_name": "Web"}]},
+                "migrations": [{"tag": "v1", "new_sqlite_classes": ["Web"]}],
+            }
+        )
+    )
+    bundle, _ = pack(project, load_config(project))
+    dest = unpack(bundle, tmp_path / "out")
+    assert (dest / "Dockerfile").read_text() == "FROM scratch\n"
+    assert load_config(dest).containers[0].class_name == "Web"
+
+
 @pytest.mark.parametrize(
     ("members", "message"),
     [

@@ -109,7 +109,8 @@ def pack(project_dir: Path, config: Config | None = None) -> tuple[bytes, str]:
                         entries.setdefault(str(parent), None)
         for folder in _required_folders(config):
             name = _inside(root, folder)
-            if name is not None and folder.is_dir():
+            # "." is the project itself (a build context at its root): always there.
+            if name is not None and name != "." and folder.is_dir():
                 entries.setdefault(name, None)
                 for parent in PurePosixPath(name).parents:
                     if str(parent) != ".":
