@@ -36,6 +36,8 @@ from .worker import Env, ExecutionContext, Worker, load_worker
 __all__ = ["App"]
 
 log = logging.getLogger("dockyard.app")
+# wrangler dev --test-scheduled answers on both.
+SCHEDULED_PATHS = ("/__scheduled", "/cdn-cgi/handler/scheduled")
 
 
 class App:
@@ -233,6 +235,8 @@ class App:
             headers.popall(SWITCH_PORT_HEADER, None)
             headers.popall(CF_SWITCH_PORT_HEADER, None)
         began = time.perf_counter()
+        if self.settings.test_scheduled and request.path in SCHEDULED_PATHS:
+            return await self._test_scheduled(request)
         try:
             response = await self.bindings.serve(request, self._run_worker)
         except DockyardError as exc:
@@ -250,6 +254,26 @@ class App:
     async def _run_worker(self, request: Request) -> Response:
         assert self.worker is not None, "App.start() was not called"
         return await self.worker.fetch(request, self.env, ExecutionContext(self._tasks))
+
+    async def _test_scheduled(self, request: Request) -> Response:
+        """`--test-scheduled`: run the scheduled handler now, as if ``cron`` fired (the
+        query's ``cron``, default the config's first; ``time``: scheduledTime in ms)."""
+        query = request.query
+        cron = query.get("cron") or next(iter(self.bindings.crons), "* * * * *")
+        try:
+            scheduled_time = float(query.get("time") or time.time() * 1000)
+        except ValueError:
+            return Response("time must be milliseconds since the epoch\n", status=400)
+        worker = self.worker
+        if worker is None or not worker.has_scheduled:
+            return Response("the worker has no scheduled handler\n", status=404)
+        try:
+            await self._scheduled(ScheduledController(cron, scheduled_time))
+        except Exception:
+            ident = error_id()
+            log.exception("scheduled handler failed for cron %r (error id %s)", cron, ident)
+            return Response(f"the scheduled handler raised (error id {ident})\n", status=500)
+        return Response("Ran scheduled event\n")
 
     async def _scheduled(self, controller: ScheduledController) -> None:
         """A cron trigger fired: run the worker's scheduled handler, if it has one."""

@@ -73,6 +73,9 @@ class Settings:
     containers: ContainerSettings = field(default_factory=ContainerSettings)
     objects: ObjectSettings = field(default_factory=ObjectSettings)
     gateway: GatewayLimits = field(default_factory=GatewayLimits)
+    # `dockyard dev --test-scheduled`: GET /__scheduled?cron=... runs the worker's
+    # scheduled handler at once (wrangler dev's route of the same name).
+    test_scheduled: bool = False
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

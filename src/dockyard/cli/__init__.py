@@ -76,6 +76,14 @@ def dev(
             "stored objects (without it, dev refuses to start).",
         ),
     ] = False,
+    test_scheduled: Annotated[
+        bool,
+        typer.Option(
+            "--test-scheduled",
+            help="Answer GET /__scheduled?cron=EXPR by running the worker's scheduled "
+            "handler at once (as wrangler dev --test-scheduled does).",
+        ),
+    ] = False,
 ) -> None:
     """Serve the project's worker locally, reloading it when a .py file changes."""
     from .dev import run_dev
@@ -97,6 +105,7 @@ def dev(
                 debug_errors=debug_errors,
                 dashboard=None if dashboard == "off" else parse_address(dashboard, "--dashboard"),
                 apply_deletions=apply_deletions,
+                test_scheduled=test_scheduled,
             )
         )
     )

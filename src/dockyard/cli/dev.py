@@ -57,11 +57,13 @@ def run_dev(
     debug_errors: bool = False,
     dashboard: tuple[str, int] | None = None,
     apply_deletions: bool = False,
+    test_scheduled: bool = False,
 ) -> int:
     configure_logging(access_log=access_log)
     settings = Settings(
         objects=ObjectSettings(idle_timeout=object_idle_timeout, apply_deletions=apply_deletions),
         containers=ContainerSettings(debug_errors=debug_errors),
+        test_scheduled=test_scheduled,
     )
     app = App(directory, config_path=config_path, settings=settings)
     serve = _serve(app, port=port, ip=ip, dashboard=dashboard)
