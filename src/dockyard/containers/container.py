@@ -656,14 +656,30 @@ def _method_name(instance: Container, name: str) -> str:
 
 
 async def _camel_hook(instance: Container, name: str, *args: Any) -> bool:
-    """Call the subclass's hook under Cloudflare's name, if it has one."""
+    """Call the subclass's hook under Cloudflare's name, if it has one. JavaScript lets a
+    hook leave out what it does not use (the tutorial's ``onStop()``), so a hook ported as
+    written gets only as many arguments as it takes."""
     hook = getattr(instance, name, None)
     if hook is None or not callable(hook):
         return False
-    result = hook(*args)
+    result = hook(*args[: _arguments_taken(hook, len(args))])
     if inspect.isawaitable(result):
         await result
     return True
+
+
+def _arguments_taken(function: Any, offered: int) -> int:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return offered
+    positional = 0
+    for p in parameters:
+        if p.kind is p.VAR_POSITIONAL:
+            return offered
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return min(positional, offered)
 
 
 def _reachable_ports(supervisor: ContainerSupervisor) -> list[int]:
