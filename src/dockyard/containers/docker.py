@@ -882,6 +882,8 @@ class DockerRuntime(AsyncClosing):
                 if exc.status == 404:
                     return None
                 raise
+        if not isinstance(data, Mapping):
+            return None  # seen from a container that stopped as it was read: no body
         return self._parse_stats(data)
 
     @staticmethod
