@@ -12,11 +12,12 @@ import json
 import os
 import sqlite3
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from dockyard.containers.docker import DockerRuntime
-from dockyard.observe.logfile import JsonLogFile
+from dockyard.observe.logfile import JsonLogFile, LineRun
 from dockyard.observe.logstore import LogStore
 from dockyard.observe.records import FilePosition, LogBatch, LogQuery, LogRecord
 from dockyard.observe.watch import EngineWatcher
@@ -36,11 +37,26 @@ def write(path: Path, *entries: bytes) -> None:
         file.write(b"".join(entries))
 
 
+class Line(NamedTuple):
+    time: float
+    stream: str
+    text: str
+    end: int  # where to resume after it (-1: only a run's last line has one)
+
+
+def lines_of(runs: list[LineRun]) -> list[Line]:
+    return [
+        Line(at, run.stream, text, run.end if index == len(run.texts) - 1 else -1)
+        for run in runs
+        for index, (at, text) in enumerate(zip(run.times, run.texts, strict=True))
+    ]
+
+
 def read_all(file: JsonLogFile) -> list[tuple[str, str]]:
     """Everything the reader has now (it reads in steps), as (stream, text)."""
     lines: list[tuple[str, str]] = []
-    while batch := file.read():
-        lines.extend((line.stream, line.text) for line in batch)
+    while runs := file.read():
+        lines.extend((line.stream, line.text) for line in lines_of(runs))
     return lines
 
 
@@ -53,7 +69,7 @@ def test_lines_come_with_their_stream_and_the_engines_time(tmp_path: Path) -> No
         entry("caf\u00e9 \u2603\n", at="2027-01-15T08:00:01.5Z"),
     )
     file = JsonLogFile(str(log))
-    lines = file.read()
+    lines = lines_of(file.read())
     base = 1_800_000_000  # 2027-01-15T08:00:00Z
     assert [(line.stream, line.text) for line in lines] == [
         ("stdout", "first"),
@@ -64,6 +80,30 @@ def test_lines_come_with_their_stream_and_the_engines_time(tmp_path: Path) -> No
         [base + 0.123456789, base + 1, base + 1.5], abs=1e-6
     )
     assert lines[-1].end == log.stat().st_size
+
+
+def test_a_plain_read_keeps_each_streams_runs_in_order(tmp_path: Path) -> None:
+    """The common read (whole lines, the engine's time format) is taken in a few passes;
+    it gives the same lines, times and run boundaries as the line-by-line one."""
+    log = tmp_path / "c-json.log"
+    streams = ["stdout"] * 3 + ["stderr"] * 2 + ["stdout"]
+    write(
+        log,
+        *(
+            entry(f"line {i}\n", stream=stream, at=f"2027-01-15T08:00:0{i}.25Z")
+            for i, stream in enumerate(streams)
+        ),
+    )
+    runs = JsonLogFile(str(log)).read()
+    assert [(run.stream, run.texts) for run in runs] == [
+        ("stdout", ["line 0", "line 1", "line 2"]),
+        ("stderr", ["line 3", "line 4"]),
+        ("stdout", ["line 5"]),
+    ]
+    assert [t - 1_800_000_000 for run in runs for t in run.times] == [i + 0.25 for i in range(6)]
+    sizes = [len(entry(f"line {i}\n", stream=s, at="2027-01-15T08:00:00.25Z")) for i, s in
+             enumerate(streams)]  # fmt: skip
+    assert [run.end for run in runs] == [sum(sizes[:3]), sum(sizes[:5]), sum(sizes)]
 
 
 def test_a_line_the_engine_cut_is_joined_and_one_over_the_limit_comes_in_pieces(
@@ -84,7 +124,7 @@ def test_a_resume_never_skips_the_start_of_a_line_still_cut(tmp_path: Path) -> N
     log = tmp_path / "c-json.log"
     write(log, entry("whole\n"), entry("begun "), entry("other\n", stream="stderr"))
     file = JsonLogFile(str(log))
-    lines = file.read()
+    lines = lines_of(file.read())
     assert [line.text for line in lines] == ["whole", "other"]
     # The position after "other" stays before "begun ": a reader resuming there (after a
     # crash) reads the cut line whole, and "other" again (it was stored with its position
@@ -119,11 +159,12 @@ def test_a_resume_in_a_file_rotated_since_reads_its_rest_then_the_new_one(
     tmp_path: Path,
 ) -> None:
     log = tmp_path / "c-json.log"
-    write(log, entry("0\n"), entry("1\n"))
+    write(log, entry("0\n"))
     file = JsonLogFile(str(log))
-    first = file.read()[:1]  # only "0" was stored before the crash
+    first = lines_of(file.read())  # "0" was stored before the crash, "1" was not
     resume = FilePosition("c", file.inode, first[-1].end)
     file.close()
+    write(log, entry("1\n"))
     os.rename(log, f"{log}.1")
     write(log, entry("2\n"))
     again = JsonLogFile(str(log), resume)

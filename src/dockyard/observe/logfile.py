@@ -18,16 +18,19 @@ of a line not yet taken, and never past the first piece of a cut line not yet wh
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import operator
 import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from .records import FilePosition
 
-__all__ = ["FileLine", "JsonLogFile"]
+__all__ = ["JsonLogFile", "LineRun"]
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +38,15 @@ READ_SIZE = 256 * 1024  # bytes per read: a read and its parsing hold the loop ~
 _ROTATED = 16  # how many rotated files (<path>.1 ...) are looked at, at most
 
 
-@dataclass(frozen=True, slots=True)
-class FileLine:
-    time: float
+@dataclass(slots=True)
+class LineRun:
+    """Consecutive lines of one stream, with their times, and where the file can be
+    resumed once they are stored."""
+
     stream: str  # "stdout" or "stderr"
-    text: str
-    end: int  # where the file can be resumed once this line is stored
+    times: list[float]
+    texts: list[str]
+    end: int
 
 
 class JsonLogFile:
@@ -68,8 +74,9 @@ class JsonLogFile:
             os.close(self._fd)
             self._fd = None
 
-    def read(self) -> list[FileLine]:
-        """The lines of at most one `READ_SIZE` read (empty: nothing new for now)."""
+    def read(self) -> list[LineRun]:
+        """The lines of at most one `READ_SIZE` read, as runs of one stream each (empty:
+        nothing new for now)."""
         if self._fd is None and not self._open():
             return []
         assert self._fd is not None
@@ -148,44 +155,117 @@ class JsonLogFile:
 
     # -- what is in it -----------------------------------------------------------------
 
-    def _parse(self, data: bytes) -> list[FileLine]:
+    def _parse(self, data: bytes) -> list[LineRun]:
         buffer = self._rest + data if self._rest else data
         last = buffer.rfind(b"\n")
         if last < 0:
             self._rest = buffer
             return []
         self._rest = buffer[last + 1 :]
-        lines: list[FileLine] = []
-        offset = self._offset
-        loads, partial, cap = json.loads, self._partial, self.max_line_bytes
-        for raw in buffer[:last].split(b"\n"):
-            start, offset = offset, offset + len(raw) + 1
+        raws = buffer[:last].split(b"\n")
+        ends = list(itertools.accumulate((len(raw) + 1 for raw in raws), initial=self._offset))
+        self._offset = ends[-1]
+        try:
+            # One parse for the whole read: entries never hold a raw newline (JSON escapes
+            # it), so the lines joined by commas are one JSON array.
+            entries = json.loads(b"[" + b",".join(raws) + b"]")
+        except ValueError:
+            entries = [self._entry(raw, at) for raw, at in zip(raws, ends, strict=False)]
+        if not self._partial:
+            plain = self._plain(entries, ends)
+            if plain is not None:
+                return plain
+        runs: list[LineRun] = []
+        run: LineRun | None = None
+        partial, cap, seconds = self._partial, self.max_line_bytes, self._seconds
+        for index, entry in enumerate(entries):
             try:
-                entry = loads(raw)
                 text, stream, stamp = entry["log"], entry["stream"], entry["time"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("Skipping an unreadable entry in %s at byte %d", self.path, start)
+                if not (isinstance(text, str) and isinstance(stamp, str)):
+                    raise TypeError(text)
+            except (KeyError, TypeError):
+                log.warning("Skipping an unreadable entry in %s at byte %d", self.path, ends[index])
                 continue
-            at = self._time(stamp)
-            if stream in partial:
-                start, at, head = partial.pop(stream)
-                text = head + text
-            if not text.endswith("\n"):
-                if len(text) < cap:
-                    partial[stream] = (start, at, text)
+            whole = seconds.get(stamp[:19])
+            if whole is not None and stamp[-1:] == "Z" and stamp[19:20] == ".":
+                at = whole + float(stamp[19:-1])
+            else:
+                at = self._time(stamp)
+            end = ends[index + 1]
+            if partial or not text.endswith("\n") or len(text) > cap + 1:
+                pieces = self._pieces(text, stream, at, ends[index])
+                if not pieces:
                     continue
-                while len(text) > cap:  # a line longer than any kept: in pieces
-                    lines.append(FileLine(at, stream, text[:cap], self._resumable(offset)))
-                    text = text[cap:]
-                partial[stream] = (start, at, text)
+            else:
+                pieces = [(at, text[:-1])]
+            resume = self._resumable(end)
+            for piece_at, piece in pieces:
+                if run is None or run.stream != stream:
+                    run = LineRun(stream, [], [], resume)
+                    runs.append(run)
+                run.times.append(piece_at)
+                run.texts.append(piece)
+                run.end = resume
+        return runs
+
+    def _plain(self, entries: list[Any], ends: list[int]) -> list[LineRun] | None:
+        """The common case in a few passes over the read instead of a loop of many steps
+        per line: every entry whole, no cut line pending, the engine's time format. None
+        when the read is not that case (the general loop then takes it)."""
+        try:
+            logs = [entry["log"] for entry in entries]
+            streams = [entry["stream"] for entry in entries]
+            stamps = [entry["time"] for entry in entries]
+            # Every line whole (the engine cuts none over 16 KiB), none over the cap; a
+            # time in another format fails float() below.
+            if not all(map(_ends_line, logs)) or max(map(len, logs)) > self.max_line_bytes + 1:
+                return None
+            seconds = self._seconds
+            for key in {stamp[:19] for stamp in stamps} - seconds.keys():
+                self._time(key + "Z")  # fills the cache
+            times = [seconds[stamp[:19]] + float(stamp[19:-1]) for stamp in stamps]
+        except (KeyError, TypeError, ValueError):
+            return None
+        texts = [text[:-1] for text in logs]
+        if streams.count(streams[0]) == len(streams) and isinstance(streams[0], str):
+            return [LineRun(streams[0], times, texts, ends[-1])]
+        runs = []
+        begin = 0
+        for index in range(1, len(streams) + 1):
+            if index < len(streams) and streams[index] == streams[begin]:
                 continue
+            stream = streams[begin]
+            if not isinstance(stream, str):
+                return None
+            runs.append(LineRun(stream, times[begin:index], texts[begin:index], ends[index]))
+            begin = index
+        return runs
+
+    def _entry(self, raw: bytes, at: int) -> Any:
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None  # reported as unreadable by the caller
+
+    def _pieces(self, text: str, stream: str, at: float, start: int) -> list[tuple[float, str]]:
+        """A cut line's pieces: joined to what came before on its stream; kept back until
+        its newline unless longer than the cap (then given out in pieces of the cap)."""
+        partial, cap = self._partial, self.max_line_bytes
+        if stream in partial:
+            start, at, head = partial.pop(stream)
+            text = head + text
+        whole = text.endswith("\n")
+        if whole:
             text = text[:-1]
-            while len(text) > cap:
-                lines.append(FileLine(at, stream, text[:cap], self._resumable(offset)))
-                text = text[cap:]
-            lines.append(FileLine(at, stream, text, self._resumable(offset)))
-        self._offset = offset
-        return lines
+        pieces = []
+        while len(text) > cap:
+            pieces.append((at, text[:cap]))
+            text = text[cap:]
+        if whole:
+            pieces.append((at, text))
+        else:
+            partial[stream] = (start, at, text)
+        return pieces
 
     def _resumable(self, offset: int) -> int:
         """Where to resume after a line ending at `offset`: never past a cut line's first
@@ -212,6 +292,9 @@ class JsonLogFile:
     def inode(self) -> int:
         """The inode of the file the last lines came from."""
         return self._inode
+
+
+_ends_line = operator.methodcaller("endswith", "\n")
 
 
 def _inode(name: str) -> int:

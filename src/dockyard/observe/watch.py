@@ -47,7 +47,7 @@ from dockyard.containers.runtime import (
     LogFiles,
 )
 from dockyard.errors import ContainerError, ContainerGone, EngineUnavailable
-from dockyard.observe.logfile import FileLine, JsonLogFile
+from dockyard.observe.logfile import JsonLogFile, LineRun
 from dockyard.observe.records import (
     FilePosition,
     LogBatch,
@@ -377,11 +377,11 @@ class EngineWatcher(AsyncClosing):
         wait = _POLL_SOON
         try:
             while True:
-                lines = file.read()
-                if lines:
+                runs = file.read()
+                if runs:
                     if skip_until:
-                        lines = [line for line in lines if line.time > skip_until]
-                    self._emit_lines(container_id, shared, file.inode, lines, mark)
+                        runs = [_after(run, skip_until) for run in runs]
+                    self._emit_runs(container_id, shared, file.inode, runs, mark)
                     wait = _POLL_SOON
                     await asyncio.sleep(0)  # the loop's other work between reads
                     continue
@@ -395,30 +395,25 @@ class EngineWatcher(AsyncClosing):
         finally:
             file.close()
 
-    def _emit_lines(
+    def _emit_runs(
         self,
         container_id: str,
         shared: Mapping[str, Any],
         inode: int,
-        lines: list[FileLine],
+        runs: list[LineRun],
         mark: list[float],
     ) -> None:
         """One batch per run of a stream's lines, each with the position after its last."""
-        start = 0
-        for end in range(1, len(lines) + 1):
-            if end < len(lines) and lines[end].stream == lines[start].stream:
-                continue
-            run = lines[start:end]
-            position = FilePosition(container_id, inode, run[-1].end)
-            stream = _STREAMS.get(run[0].stream, "stdout")
-            times = [line.time for line in run]
-            texts = [line.text for line in run]
-            batch = LogBatch(stream=stream, times=times, texts=texts, position=position, **shared)
+        for run in runs:
+            position = FilePosition(container_id, inode, run.end)
+            stream = _STREAMS.get(run.stream, "stdout")
+            batch = LogBatch(
+                stream=stream, times=run.times, texts=run.texts, position=position, **shared
+            )
             emit_batch(self._sink, batch)
             self._positions[container_id] = position
-            start = end
-        if lines and lines[-1].time > mark[0]:
-            mark[0], mark[1] = lines[-1].time, 1.0
+            if run.times and run.times[-1] > mark[0]:
+                mark[0], mark[1] = run.times[-1], 1.0
 
     async def _deliver(
         self, container_id: str, labels: Mapping[str, str], mark: list[float]
@@ -482,3 +477,9 @@ def _fields(labels: Mapping[str, str], container_id: str) -> dict[str, Any]:
         "object_name": labels.get(label_names.NAME, ""),
         "container_id": container_id,
     }
+
+
+def _after(run: LineRun, since: float) -> LineRun:
+    """The run's lines after `since` (its position stays: what is left out is delivered)."""
+    kept = [(at, text) for at, text in zip(run.times, run.texts, strict=True) if at > since]
+    return LineRun(run.stream, [at for at, _ in kept], [text for _, text in kept], run.end)
