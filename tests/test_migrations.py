@@ -237,22 +237,28 @@ async def test_a_transfer_is_refused_with_the_reason(tmp_path: Path) -> None:
     await app.stop()
 
 
-async def test_a_failure_mid_apply_leaves_the_old_state(tmp_path: Path) -> None:
-    both = {"tag": "v1", "new_sqlite_classes": ["Counter", "Other"]}
-    bind = {"COUNTER": "Counter", "OTHER": "Other"}
-    root = project(tmp_path / "p", bind=bind, migrations=[both])
+# Two classes holding objects ("x": 3 and 5), then a version that renames both.
+BOTH = {"tag": "v1", "new_sqlite_classes": ["Counter", "Other"]}
+OLD_BIND = {"COUNTER": "Counter", "OTHER": "Other"}
+RENAMES = {
+    "tag": "v2",
+    "renamed_classes": [{"from": "Counter", "to": "Tally"}, {"from": "Other", "to": "Another"}],
+}
+NEW_BIND = {"COUNTER": "Tally", "OTHER": "Another"}
+
+
+async def two_classes_to_rename(root: Path) -> Path:
+    """The old version run once (its objects stored), then the new one written, not run."""
+    project(root, bind=OLD_BIND, migrations=[BOTH])
     async with make_app(root) as app:
         await call(app, "COUNTER", "x", "add", 3)
         await call(app, "OTHER", "x", "add", 5)
+    project(root, bind=NEW_BIND, migrations=[BOTH, RENAMES])
+    return root
 
-    renames = {
-        "tag": "v2",
-        "renamed_classes": [
-            {"from": "Counter", "to": "Tally"},
-            {"from": "Other", "to": "Another"},
-        ],
-    }
-    project(root, bind={"COUNTER": "Tally", "OTHER": "Another"}, migrations=[both, renames])
+
+async def test_a_failure_mid_apply_leaves_the_old_state(tmp_path: Path) -> None:
+    root = await two_classes_to_rename(tmp_path / "p")
     app = make_app(root)
     assert app.host.migrations is not None
     moved: list[tuple[str, str]] = []
@@ -268,14 +274,14 @@ async def test_a_failure_mid_apply_leaves_the_old_state(tmp_path: Path) -> None:
     assert moved == [("Counter", "Tally")]
 
     # The old state, whole: the old config reads both objects.
-    project(root, bind=bind, migrations=[both])
+    project(root, bind=OLD_BIND, migrations=[BOTH])
     async with make_app(root) as app:
         assert await call(app, "COUNTER", "x", "value") == 3
         assert await call(app, "OTHER", "x", "value") == 5
         assert app.host.migrations is not None
         assert app.host.migrations.applied_tags() == ["v1"]
 
-    project(root, bind={"COUNTER": "Tally", "OTHER": "Another"}, migrations=[both, renames])
+    project(root, bind=NEW_BIND, migrations=[BOTH, RENAMES])
     async with make_app(root) as app:
         assert await call(app, "COUNTER", "x", "value") == 3
         assert await call(app, "OTHER", "x", "value") == 5
@@ -300,21 +306,7 @@ asyncio.run(app.start())
 
 
 async def test_sigkill_mid_apply_leaves_the_old_state_then_applies(tmp_path: Path) -> None:
-    both = {"tag": "v1", "new_sqlite_classes": ["Counter", "Other"]}
-    bind = {"COUNTER": "Counter", "OTHER": "Other"}
-    root = project(tmp_path / "p", bind=bind, migrations=[both])
-    async with make_app(root) as app:
-        await call(app, "COUNTER", "x", "add", 3)
-        await call(app, "OTHER", "x", "add", 5)
-
-    renames = {
-        "tag": "v2",
-        "renamed_classes": [
-            {"from": "Counter", "to": "Tally"},
-            {"from": "Other", "to": "Another"},
-        ],
-    }
-    project(root, bind={"COUNTER": "Tally", "OTHER": "Another"}, migrations=[both, renames])
+    root = await two_classes_to_rename(tmp_path / "p")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", KILLER, str(root), stdout=asyncio.subprocess.PIPE
     )
@@ -327,7 +319,7 @@ async def test_sigkill_mid_apply_leaves_the_old_state_then_applies(tmp_path: Pat
     assert (objects / "Tally").is_dir() and (objects / "Other").is_dir()
 
     # The old version starts on the old state (the half-applied tag is undone).
-    project(root, bind=bind, migrations=[both])
+    project(root, bind=OLD_BIND, migrations=[BOTH])
     async with make_app(root) as app:
         assert await call(app, "COUNTER", "x", "value") == 3
         assert await call(app, "OTHER", "x", "value") == 5
@@ -335,7 +327,7 @@ async def test_sigkill_mid_apply_leaves_the_old_state_then_applies(tmp_path: Pat
         assert app.host.migrations.applied_tags() == ["v1"]
 
     # And the new one applies the tag whole.
-    project(root, bind={"COUNTER": "Tally", "OTHER": "Another"}, migrations=[both, renames])
+    project(root, bind=NEW_BIND, migrations=[BOTH, RENAMES])
     async with make_app(root) as app:
         assert await call(app, "COUNTER", "x", "value") == 3
         assert await call(app, "OTHER", "x", "value") == 5

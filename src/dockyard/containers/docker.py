@@ -543,27 +543,30 @@ class DockerRuntime(AsyncClosing):
         self._egress_firewall = None
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:
+        data = await self._inspect_raw(container_id)
+        return None if data is None else _container_info(data)
+
+    async def _inspect_raw(self, container_id: str) -> Mapping[str, Any] | None:
+        """The engine's whole answer about a container; None when there is none."""
         async with self._short_call("inspect a container", container_id=container_id):
             try:
-                data = await self._client().containers.container(container_id).show()
+                data: Mapping[str, Any] = (
+                    await self._client().containers.container(container_id).show()
+                )
             except DockerError as exc:
                 if exc.status == 404:
                     return None
                 raise
-        return _container_info(data)
+        return data
 
     async def log_file(self, container_id: str) -> str | None:
         """`LogFiles.log_file`: the engine's ``LogPath`` when the engine is local, the
         driver is json-file and this process may read the file."""
         if not self.engine_address.startswith("unix://"):
             return None
-        async with self._short_call("inspect a container", container_id=container_id):
-            try:
-                data = await self._client().containers.container(container_id).show()
-            except DockerError as exc:
-                if exc.status == 404:
-                    return None
-                raise
+        data = await self._inspect_raw(container_id)
+        if data is None:
+            return None
         driver = ((data.get("HostConfig") or {}).get("LogConfig") or {}).get("Type")
         path = data.get("LogPath")
         if driver != "json-file" or not isinstance(path, str) or not path:
