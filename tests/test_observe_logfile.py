@@ -155,6 +155,24 @@ def test_reading_goes_on_across_the_engines_rotations_without_loss_or_repeat(
     assert [text for _, text in seen] == [str(i) for i in range(7)]
 
 
+def test_a_reader_left_behind_by_the_rotations_goes_on_with_the_oldest_kept_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """max-file 2: the engine rotated twice while the reader was busy, so the file it had
+    open is gone (lines lost, and it says so); it carries on with what the engine kept."""
+    log = tmp_path / "c-json.log"
+    write(log, entry("0\n"))
+    file = JsonLogFile(str(log))
+    assert read_all(file) == [("stdout", "0")]
+    os.rename(log, f"{log}.1")  # first rotation: the reader's file is .1
+    write(log, entry("1\n"))
+    os.replace(log, f"{log}.1")  # second: the reader's file is deleted (max-file 2)
+    write(log, entry("2\n"))
+    seen = read_all(file) + read_all(file) + read_all(file)
+    assert seen == [("stdout", "1"), ("stdout", "2")]
+    assert "lost" in caplog.text
+
+
 def test_a_resume_in_a_file_rotated_since_reads_its_rest_then_the_new_one(
     tmp_path: Path,
 ) -> None:

@@ -128,23 +128,31 @@ class JsonLogFile:
     def _next_file(self) -> None:
         """At the end of the open file: if the engine has moved on to a newer one, open
         that (a rest without its newline is a line the engine never finished)."""
+        if _inode(self.path) == self._inode:
+            return  # still the engine's current file: one stat per idle look
         order = [*reversed(self._rotated()), self.path]  # oldest first
         inodes = [_inode(name) for name in order]
-        if self._inode not in inodes:
-            if not any(inodes):
+        if self._inode in inodes:
+            after = inodes.index(self._inode) + 1
+            later = zip(order[after:], inodes[after:], strict=True)
+            following = [name for name, inode in later if inode]
+        else:
+            # Ours is gone: removed with the container, or rotated away while this reader
+            # was behind by more than the engine keeps.
+            following = [name for name, inode in zip(order, inodes, strict=True) if inode]
+            if not following:
                 self.close()
                 self.gone = True
-            elif inodes[-1] != 0 and all(n == 0 for n in inodes[:-1]):
-                # A new file and no rotated ones: ours was removed, not rotated.
-                self.close()
-                self._open_at(self.path, 0)
-            return
-        after = inodes.index(self._inode) + 1
-        for name, inode in zip(order[after:], inodes[after:], strict=True):
-            if inode:
-                self.close()
-                self._open_at(name, 0)
                 return
+            if len(following) > 1:
+                log.warning(
+                    "The log file %s was rotated away before it was read to its end: "
+                    "lines printed in between are lost",
+                    self.path,
+                )
+        if following:
+            self.close()
+            self._open_at(following[0], 0)
 
     def _restart(self, why: str) -> None:
         log.info("The log file %s %s: reading it from its start", self.path, why)
