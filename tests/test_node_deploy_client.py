@@ -799,13 +799,19 @@ async def test_deploy_interrupted_mid_build_aborts(
     )  # fmt: skip
     assert proc.stderr is not None
     seen = b""
-    # The step's own output (not its "Step 2/2 : RUN ..." line) says it runs: Ctrl-C now.
-    while not seen.rstrip().endswith(b"| " + marker.encode()):
-        line = await asyncio.wait_for(proc.stderr.readline(), timeout=60)
-        assert line, seen.decode()
-        seen += line
-    proc.send_signal(signal.SIGINT)
-    rest = await asyncio.wait_for(proc.stderr.read(), timeout=30)
+    try:
+        # The step's own output (not its "Step 2/2 : RUN ..." line) says it runs: Ctrl-C.
+        while not seen.rstrip().endswith(b"| " + marker.encode()):
+            line = await asyncio.wait_for(proc.stderr.readline(), timeout=60)
+            assert line, seen.decode()
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        rest = await asyncio.wait_for(proc.stderr.read(), timeout=30)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()  # a deploy that did not stop is not left behind
+        await proc.wait()
+        raise
     assert await proc.wait() == 130, (seen + rest).decode()
     assert f"Deploy of {app} aborted" in rest.decode()
     assert fake_node.calls == [("POST", f"/api/v1{deploys}"), ("DELETE", f"/api/v1{deploys}/d5")]
