@@ -269,8 +269,17 @@ async def _load(
     endpoint_of: Any, path: str, stop: asyncio.Event, results: list[tuple[int, str]]
 ) -> None:
     while not stop.is_set():
+        endpoint = endpoint_of()
         try:
-            results.append(await fetch(endpoint_of(), path))
+            try:
+                results.append(await fetch(endpoint, path))
+            except aiohttp.ClientConnectorError:
+                # As the router does: the process it looked up may have been replaced
+                # before it connected; it asks again once, and only if the answer changed.
+                again = endpoint_of()
+                if again == endpoint:
+                    raise
+                results.append(await fetch(again, path))
         except aiohttp.ClientError as exc:
             results.append((0, repr(exc)))
 

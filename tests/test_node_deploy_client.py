@@ -777,6 +777,9 @@ async def test_deploy_builds_pushes_and_follows_the_rollout(
 
 @pytest.mark.docker
 @pytest.mark.slow
+# Failed in 2 of 2 CI runs beside other test files (xdist), passes alone: cause not
+# found yet (the note of 2026-11-28). scripts/check runs it after the others, alone.
+@pytest.mark.serial
 async def test_deploy_interrupted_mid_build_aborts(
     fake_node: FakeNode, tmp_path: Path, busybox_image: str, test_labels: dict[str, str]
 ) -> None:

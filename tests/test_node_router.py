@@ -178,6 +178,22 @@ async def test_an_app_that_does_not_accept_gets_503_then_serves_again(
     assert status_and_body(data)[0] == 503
 
 
+async def test_a_connection_routed_as_the_app_switches_process_reaches_the_new_one(
+    apps: Apps,
+) -> None:
+    """A deploy's new process took over between the route lookup and the hand-off: the
+    old one's sockets are gone. The router asks again and delivers to the new one."""
+    gone = Endpoint(apps.directory / "old.ho", apps.directory / "old.http")
+    answers = [gone]
+
+    def resolve(host: str) -> Endpoint | None:
+        return answers.pop() if answers else apps.resolve(host)
+
+    raw = b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"
+    async with Router(resolve, host="127.0.0.1", port=0) as router:
+        assert status_and_body(await exchange(router.port, raw)) == (200, b"a GET / a.example")
+
+
 async def test_sockets_served_by_another_process_than_the_apps_get_503(
     apps: Apps, router: Router
 ) -> None:

@@ -143,22 +143,33 @@ class Router:
             client.finish(_plain(404, f"no application at {host}\n"))
             return
         try:
-            async with asyncio.timeout(_CONNECT_TIMEOUT):
-                pid = getattr(endpoint, "pid", None)
-                if self.ssl is None:
-                    fd = client.dup()
-                    if fd is None:
-                        return  # the client left
-                    try:
-                        await self._handoff.send(endpoint.handoff, fd, client.initial, pid=pid)
-                    finally:
-                        os.close(fd)
-                    client.handed_off()
-                else:
-                    await client.splice(endpoint.http, pid)
+            try:
+                await self._connect(client, endpoint)
+            except (FileNotFoundError, ConnectionRefusedError):
+                # A deploy's new process may have taken over since the lookup, and the
+                # old one's sockets gone with it: ask again, once.
+                again = self.resolve(host)
+                if again is None or again.handoff == endpoint.handoff:
+                    raise
+                await self._connect(client, again)
         except (OSError, TimeoutError) as exc:
             log.info("application at %s not accepting connections: %s", host, exc)
             client.finish(_plain(503, f"{host} is not available\n", retry_after=True))
+
+    async def _connect(self, client: _Client, endpoint: Endpoint) -> None:
+        async with asyncio.timeout(_CONNECT_TIMEOUT):
+            pid = getattr(endpoint, "pid", None)
+            if self.ssl is None:
+                fd = client.dup()
+                if fd is None:
+                    return  # the client left
+                try:
+                    await self._handoff.send(endpoint.handoff, fd, client.initial, pid=pid)
+                finally:
+                    os.close(fd)
+                client.handed_off()
+            else:
+                await client.splice(endpoint.http, pid)
 
 
 class _State(enum.Enum):
