@@ -801,7 +801,7 @@ async def test_deploy_interrupted_mid_build_aborts(
         env={**os.environ, **cli_env(fake_node, tmp_path)},
     )  # fmt: skip
     assert proc.stderr is not None
-    seen = b""
+    seen = rest = b""
     try:
         # The step's own output (not its "Step 2/2 : RUN ..." line) says it runs: Ctrl-C.
         while not seen.rstrip().endswith(b"| " + marker.encode()):
@@ -809,7 +809,15 @@ async def test_deploy_interrupted_mid_build_aborts(
             assert line, seen.decode()
             seen += line
         proc.send_signal(signal.SIGINT)
-        rest = await asyncio.wait_for(proc.stderr.read(), timeout=30)
+        async with asyncio.timeout(30):  # a failure shows what the deploy printed
+            while line := await proc.stderr.readline():
+                rest += line
+    except TimeoutError:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        printed = (seen + rest).decode()
+        raise AssertionError(f"deploy did not end after SIGINT; it printed:\n{printed}") from None
     except BaseException:
         if proc.returncode is None:
             proc.kill()  # a deploy that did not stop is not left behind
