@@ -777,13 +777,6 @@ async def test_deploy_builds_pushes_and_follows_the_rollout(
 
 @pytest.mark.docker
 @pytest.mark.slow
-@pytest.mark.serial
-@pytest.mark.xfail(
-    strict=False,
-    reason="in 3 of 3 fresh-clone CI runs (2 of them beside other files, 1 alone after "
-    "them) the deploy did not end within 30 s of SIGINT and printed nothing more; it "
-    "passes in every run on its own: cause not found (the note of 2026-11-28)",
-)
 async def test_deploy_interrupted_mid_build_aborts(
     fake_node: FakeNode, tmp_path: Path, busybox_image: str, test_labels: dict[str, str]
 ) -> None:
