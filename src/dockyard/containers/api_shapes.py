@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ __all__ = [
     "WAIT_KEYS",
     "ContainerSchedule",
     "known_options",
+    "positional_capacity",
     "start_overrides",
     "takes_two",
     "within",
@@ -53,19 +55,26 @@ class ContainerSchedule(Schedule):
         )
 
 
-def takes_two(method: Any) -> bool:
-    """Whether a scheduled method accepts (payload, schedule), not only (payload)."""
+def positional_capacity(function: Any) -> float | None:
+    """How many positional arguments `function` takes (inf with ``*args``); None when its
+    signature cannot be read."""
     try:
-        parameters = inspect.signature(method).parameters.values()
+        parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
-        return False
+        return None
     positional = 0
     for p in parameters:
         if p.kind is p.VAR_POSITIONAL:
-            return True
+            return math.inf
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             positional += 1
-    return positional >= 2
+    return positional
+
+
+def takes_two(method: Any) -> bool:
+    """Whether a scheduled method accepts (payload, schedule), not only (payload)."""
+    capacity = positional_capacity(method)
+    return capacity is not None and capacity >= 2
 
 
 START_KEYS = {

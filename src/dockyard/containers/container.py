@@ -36,6 +36,7 @@ from .api_shapes import (
     WAIT_KEYS,
     ContainerSchedule,
     known_options,
+    positional_capacity,
     start_overrides,
     takes_two,
     within,
@@ -662,24 +663,12 @@ async def _camel_hook(instance: Container, name: str, *args: Any) -> bool:
     hook = getattr(instance, name, None)
     if hook is None or not callable(hook):
         return False
-    result = hook(*args[: _arguments_taken(hook, len(args))])
+    capacity = positional_capacity(hook)
+    taken = len(args) if capacity is None else int(min(capacity, len(args)))
+    result = hook(*args[:taken])
     if inspect.isawaitable(result):
         await result
     return True
-
-
-def _arguments_taken(function: Any, offered: int) -> int:
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):
-        return offered
-    positional = 0
-    for p in parameters:
-        if p.kind is p.VAR_POSITIONAL:
-            return offered
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            positional += 1
-    return min(positional, offered)
 
 
 def _reachable_ports(supervisor: ContainerSupervisor) -> list[int]:
