@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from dockyard.app import App
 from dockyard.containers import labels
@@ -34,12 +32,9 @@ pytestmark = [
 SLEEPS = ["sh", "-c", "while :; do sleep 0.1; done"]
 
 
-@pytest_asyncio.fixture
-async def image(busybox_image: str) -> AsyncIterator[str]:
-    ref = f"dockyard/egress-platform-test:{secrets.token_hex(4)}"
-    await docker_cli("tag", busybox_image, ref)
-    yield ref
-    await docker_cli("image", "rm", ref)
+@pytest.fixture
+def image(busybox_tag: str) -> str:
+    return busybox_tag
 
 
 async def test_the_node_hands_the_app_a_listener_inside_its_own_container_only(

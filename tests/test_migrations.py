@@ -257,6 +257,24 @@ async def two_classes_to_rename(root: Path) -> Path:
     return root
 
 
+async def old_state_then_new(root: Path) -> None:
+    """After a v2 that did not complete: the old version starts on the old state, whole
+    (the half-applied tag undone), then the new version applies the tag whole."""
+    project(root, bind=OLD_BIND, migrations=[BOTH])
+    async with make_app(root) as app:
+        assert await call(app, "COUNTER", "x", "value") == 3
+        assert await call(app, "OTHER", "x", "value") == 5
+        assert app.host.migrations is not None
+        assert app.host.migrations.applied_tags() == ["v1"]
+
+    project(root, bind=NEW_BIND, migrations=[BOTH, RENAMES])
+    async with make_app(root) as app:
+        assert await call(app, "COUNTER", "x", "value") == 3
+        assert await call(app, "OTHER", "x", "value") == 5
+        assert app.host.migrations is not None
+        assert app.host.migrations.applied_tags() == ["v1", "v2"]
+
+
 async def test_a_failure_mid_apply_leaves_the_old_state(tmp_path: Path) -> None:
     root = await two_classes_to_rename(tmp_path / "p")
     app = make_app(root)
@@ -273,18 +291,7 @@ async def test_a_failure_mid_apply_leaves_the_old_state(tmp_path: Path) -> None:
     await app.stop()
     assert moved == [("Counter", "Tally")]
 
-    # The old state, whole: the old config reads both objects.
-    project(root, bind=OLD_BIND, migrations=[BOTH])
-    async with make_app(root) as app:
-        assert await call(app, "COUNTER", "x", "value") == 3
-        assert await call(app, "OTHER", "x", "value") == 5
-        assert app.host.migrations is not None
-        assert app.host.migrations.applied_tags() == ["v1"]
-
-    project(root, bind=NEW_BIND, migrations=[BOTH, RENAMES])
-    async with make_app(root) as app:
-        assert await call(app, "COUNTER", "x", "value") == 3
-        assert await call(app, "OTHER", "x", "value") == 5
+    await old_state_then_new(root)
 
 
 KILLER = """
@@ -318,21 +325,7 @@ async def test_sigkill_mid_apply_leaves_the_old_state_then_applies(tmp_path: Pat
     objects = root / ".dockyard" / "objects"
     assert (objects / "Tally").is_dir() and (objects / "Other").is_dir()
 
-    # The old version starts on the old state (the half-applied tag is undone).
-    project(root, bind=OLD_BIND, migrations=[BOTH])
-    async with make_app(root) as app:
-        assert await call(app, "COUNTER", "x", "value") == 3
-        assert await call(app, "OTHER", "x", "value") == 5
-        assert app.host.migrations is not None
-        assert app.host.migrations.applied_tags() == ["v1"]
-
-    # And the new one applies the tag whole.
-    project(root, bind=NEW_BIND, migrations=[BOTH, RENAMES])
-    async with make_app(root) as app:
-        assert await call(app, "COUNTER", "x", "value") == 3
-        assert await call(app, "OTHER", "x", "value") == 5
-        assert app.host.migrations is not None
-        assert app.host.migrations.applied_tags() == ["v1", "v2"]
+    await old_state_then_new(root)
 
 
 async def test_chained_renames_apply_in_order_and_a_rename_onto_objects_is_refused(

@@ -44,6 +44,16 @@ def python_image() -> str:
 
 
 @pytest_asyncio.fixture
+async def busybox_tag(busybox_image: str) -> AsyncIterator[str]:
+    """A tag of the busybox image that is this test's alone (removed after it): for tests
+    where an app may run exactly one image."""
+    ref = f"dockyard/test-image:{secrets.token_hex(4)}"
+    await docker_cli("tag", busybox_image, ref)
+    yield ref
+    await docker_cli("image", "rm", ref)
+
+
+@pytest_asyncio.fixture
 async def docker_runtime() -> AsyncIterator[DockerRuntime]:
     async with DockerRuntime() as runtime:
         yield runtime
