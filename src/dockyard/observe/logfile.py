@@ -178,7 +178,7 @@ class JsonLogFile:
             # it), so the lines joined by commas are one JSON array.
             entries = json.loads(b"[" + b",".join(raws) + b"]")
         except ValueError:
-            entries = [self._entry(raw, at) for raw, at in zip(raws, ends, strict=False)]
+            entries = [_entry(raw) for raw in raws]
         if not self._partial:
             plain = self._plain(entries, ends)
             if plain is not None:
@@ -249,12 +249,6 @@ class JsonLogFile:
             begin = index
         return runs
 
-    def _entry(self, raw: bytes, at: int) -> Any:
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return None  # reported as unreadable by the caller
-
     def _pieces(self, text: str, stream: str, at: float, start: int) -> list[tuple[float, str]]:
         """A cut line's pieces: joined to what came before on its stream; kept back until
         its newline unless longer than the cap (then given out in pieces of the cap)."""
@@ -300,6 +294,13 @@ class JsonLogFile:
     def inode(self) -> int:
         """The inode of the file the last lines came from."""
         return self._inode
+
+
+def _entry(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None  # reported as unreadable by the caller
 
 
 _ends_line = operator.methodcaller("endswith", "\n")
