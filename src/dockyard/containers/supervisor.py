@@ -511,14 +511,24 @@ class ContainerSupervisor:
     def _begin_start(self, ports: list[int], overrides: StartOverrides) -> asyncio.Task[None]:
         if self._closed:
             raise ContainerError(f"{self}: the platform is shutting down")
-        task = asyncio.get_running_loop().create_task(self._run_start(ports, overrides))
+        task = asyncio.get_running_loop().create_task(self._start(ports, overrides))
         self._start_task = task
         task.add_done_callback(self._start_done)
         return task
 
+    async def _start(self, ports: list[int], overrides: StartOverrides) -> None:
+        try:
+            await self._run_start(ports, overrides)
+        finally:
+            # Cleared in the step that ends the start, not by a done callback one loop
+            # step later: a caller woken in between (by on_start, say) would find the
+            # finished task still set, await it without yielding and loop for ever.
+            if self._start_task is asyncio.current_task():
+                self._start_task = None
+
     def _start_done(self, task: asyncio.Task[None]) -> None:
         if self._start_task is task:
-            self._start_task = None
+            self._start_task = None  # cancelled before its first step
         if not task.cancelled():
             task.exception()  # every caller re-raises its own copy; this one is retrieved
 
@@ -644,19 +654,30 @@ class ContainerSupervisor:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._wait_port(port))
             self._probes[port] = task
-            task.add_done_callback(lambda t: self._probes.pop(port, None))
+            task.add_done_callback(lambda t: self._forget_probe(port, t))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
+    def _forget_probe(self, port: int, task: asyncio.Task[None]) -> None:
+        if self._probes.get(port) is task:  # never a newer probe of the same port
+            del self._probes[port]
+
     async def _wait_port(self, port: int) -> None:
         assert self.options is not None
-        await wait_for_port(
-            self,
-            port,
-            self.options.readiness,
-            stopped=self._stopped,
-            exit_code=lambda: self._state.exit_code,
-        )
+        try:
+            await wait_for_port(
+                self,
+                port,
+                self.options.readiness,
+                stopped=self._stopped,
+                exit_code=lambda: self._state.exit_code,
+            )
+        finally:
+            # As for the start task: a finished probe is never handed out again, or
+            # ready() could await it without yielding and loop for ever.
+            current = asyncio.current_task()
+            assert current is not None
+            self._forget_probe(port, current)
         self._ready_ports.add(port)
         if self.phase is Phase.RUNNING and self._start_task is None:
             self._enter(Phase.HEALTHY)
