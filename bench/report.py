@@ -320,6 +320,9 @@ METHOD = """\
   worker -> Durable Object -> container, the container with 2 vCPU and 1 GiB.
 - direct is the container's published 127.0.0.1 port; nginx is one worker process with an
   upstream `keepalive 64` in front of that same port.
+- Dockyard, run as root beside the local engine, connects to the container's port on the
+  container's own loopback (a socket made in its network namespace), so Docker's
+  `docker-proxy` is on the direct and nginx paths but not on Dockyard's.
 - docker run is the docker CLI (`docker run -d -p 127.0.0.1::8080 IMAGE`, as a user would
   run it, without limits or init), then the port from the Engine API, then HTTP polled every
   millisecond until a status line comes back. Dockyard starts containers through the Engine

@@ -45,6 +45,10 @@ class ContainerSettings:
     # mapped here may be forwarded to the host's own loopback.
     egress_proxy_port: int = 15080
     egress_hosts: Mapping[str, str] = field(default_factory=dict)
+    # Reach container ports on the container's own loopback, through sockets made in its
+    # network namespace (needs root beside a local engine; see containers/netns.py),
+    # rather than through the engine's userland proxy at the published port.
+    upstream_in_namespace: bool = True
     # Show error details (start failures, container output) to HTTP clients.
     # Off by default: clients see a short message and an error id; the log has the rest.
     debug_errors: bool = False

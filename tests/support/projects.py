@@ -91,6 +91,11 @@ class Echo(Web):
     pass
 
 
+class Outside(Web):
+    # Listens on the container's external address only, not on its loopback.
+    entrypoint = ["sh", "-c", 'exec httpd -f -p "$(hostname -i):8080" -h /www']
+
+
 class Pauser(Web):
     sleep_mode = "pause"
 
@@ -124,6 +129,7 @@ CLASSES = {
     "NoPort": "web",
     "Hog": "web",
     "Echo": "echo",
+    "Outside": "web",
     "Pauser": "web",
     "Broken": "broken",
 }

@@ -342,9 +342,8 @@ class Container(DurableObject):
                 )
             began = time.perf_counter()
             response = await forward_http(
-                manager.session,
                 manager.upstream,
-                host_port,
+                supervisor.target(port, host_port),
                 request,
                 on_finished=lease.release,
                 on_lost=supervisor.lost,

@@ -544,7 +544,11 @@ class DockerRuntime(AsyncClosing):
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:
         data = await self._inspect_raw(container_id)
-        return None if data is None else _container_info(data)
+        return (
+            None
+            if data is None
+            else _container_info(data, local=self.engine_address.startswith("unix://"))
+        )
 
     async def _inspect_raw(self, container_id: str) -> Mapping[str, Any] | None:
         """The engine's whole answer about a container; None when there is none."""
@@ -1071,7 +1075,8 @@ def _hardening(spec: ContainerSpec) -> dict[str, Any]:
     return host
 
 
-def _container_info(data: Mapping[str, Any]) -> ContainerInfo:
+def _container_info(data: Mapping[str, Any], *, local: bool) -> ContainerInfo:
+    """``local``: the engine runs on this machine, so its PIDs are this /proc's."""
     state = data.get("State") or {}
     config = data.get("Config") or {}
     ports = (data.get("NetworkSettings") or {}).get("Ports") or {}
@@ -1100,6 +1105,7 @@ def _container_info(data: Mapping[str, Any]) -> ContainerInfo:
         host_ports=host_ports,
         started_at=_timestamp(state.get("StartedAt")),
         finished_at=_timestamp(state.get("FinishedAt")),
+        pid=int(state.get("Pid") or 0) or None if running and local else None,
     )
 
 

@@ -79,6 +79,9 @@ class ContainerManager:
         self.app = config.name
         self.owner = owner
         self.settings = settings or ContainerSettings()
+        # Entering a container's namespace needs root (CAP_SYS_ADMIN); the runtime gives
+        # a process id only beside a local engine (ContainerInfo.pid).
+        self.upstream_in_namespace = self.settings.upstream_in_namespace and os.geteuid() == 0
         self._config = config
         self._on_build_output = on_build_output or (lambda line: log.info("%s", line))
         self.classes: dict[str, ClassImage] = {

@@ -18,7 +18,7 @@ from yarl import URL
 from .._tasks import until_first_done
 from ..errors import ContainerGone
 from ..http import HOP_BY_HOP, Request, Response, WebSocketPair, parsed_url
-from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from .upstream import Target, UpstreamError, UpstreamPool, UpstreamResponse
 
 __all__ = ["CONTAINER_BASE_URL", "forward_http", "forward_websocket", "open_session"]
 
@@ -75,9 +75,8 @@ def _forward_headers(request: Request, *, websocket: bool = False) -> CIMultiDic
 
 
 async def forward_http(
-    session: aiohttp.ClientSession,
     pool: UpstreamPool,
-    host_port: int,
+    target: Target,
     request: Request,
     *,
     on_finished: Callable[[], None],
@@ -89,13 +88,13 @@ async def forward_http(
     the container is still there).
     """
     url = parsed_url(request)
-    target = url.raw_path_qs if url.is_absolute() else URL(CONTAINER_BASE_URL).join(url).raw_path_qs
+    path = url.raw_path_qs if url.is_absolute() else URL(CONTAINER_BASE_URL).join(url).raw_path_qs
     body: bytes | AsyncIterator[bytes] | None = None
     if request.has_body:
         body = await request.bytes() if request.body_length is not None else request.stream()
     try:
         upstream = await pool.request(
-            host_port, request.method, target or "/", _header_list(request, url), body
+            target, request.method, path or "/", _header_list(request, url), body
         )
     except UpstreamError as exc:
         on_finished()

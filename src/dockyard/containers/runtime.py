@@ -155,6 +155,9 @@ class ContainerInfo:
     host_ports: Mapping[int, int]
     started_at: datetime | None
     finished_at: datetime | None
+    # The container's main process as this machine's /proc sees it: set only by a runtime
+    # beside a local engine, and only while the container runs (see netns.py).
+    pid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ from .outbound import EgressRules, Handler, call_handler, proxy_env
 from .readiness import Readiness, wait_for_port
 from .runtime import ContainerInfo, EgressListeners, ExitStatus
 from .state import State, Status, StopParams, StopReason
+from .upstream import InNamespace, Target
 
 if TYPE_CHECKING:
     from .manager import ContainerManager
@@ -188,6 +189,8 @@ class ContainerSupervisor:
         self._start_task: asyncio.Task[None] | None = None
         self._probes: dict[int, asyncio.Task[None]] = {}
         self._ready_ports: set[int] = set()
+        # The ports' targets (see target()), for the container run in ``info``.
+        self._targets: tuple[ContainerInfo, dict[int, Target]] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stop_reason: StopReason | None = None
         self._boosted = False
@@ -335,6 +338,20 @@ class ContainerSupervisor:
                 "list it in default_port or required_ports of the Container class"
             )
         return host_port
+
+    def target(self, port: int, host_port: int) -> Target:
+        """Where requests to ``port`` (published as ``host_port``) connect: inside the
+        container's network namespace when this process may enter it, else the host port."""
+        info = self.info
+        if info is None or info.pid is None or not self.manager.upstream_in_namespace:
+            return host_port
+        cached = self._targets
+        if cached is None or cached[0] is not info:
+            cached = self._targets = (info, {})
+        target = cached[1].get(port)
+        if target is None:
+            target = cached[1][port] = InNamespace(info.id, info.pid, port, host_port)
+        return target
 
     def own(self, task: asyncio.Task[Any]) -> None:
         """Keep ``task`` (a WebSocket bridge, a hook call) until it ends or ``aclose``."""

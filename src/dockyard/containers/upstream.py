@@ -7,6 +7,12 @@ per port, request bodies as bytes or streams (chunked when their length is unkno
 response bodies buffered or streamed with flow control both ways, HEAD requests.
 WebSocket upgrades stay with aiohttp (see proxy.py).
 
+A port is reached either at its published ``127.0.0.1:<host port>``, or, when Dockyard may
+enter the container's network namespace (root, a local engine), as ``InNamespace``: on
+the container's own loopback, through a socket made inside its namespace (netns.py),
+which keeps the engine's userland proxy off the path. A namespace connection that
+fails falls back to the published port, and that target is then reached there only.
+
 Header names and values are latin-1 str both ways (one character per byte, as the
 gateway holds them): bytes pass through unchanged. A header that would corrupt the
 request (a line break, a NUL, a bad name) raises ``InvalidHeader`` and is never sent.
@@ -15,18 +21,23 @@ request (a line break, a NUL, a bad name) raises ``InvalidHeader`` and is never 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import cast
 
 import httptools
 
 from .._flow import ChunkBuffer, WriteFlow
-from ..errors import InvalidHeader
+from ..errors import ContainerError, InvalidHeader
 from ..http import GOOD_HEADER_NAMES, check_header_name, encode_header_block
+from .netns import connect_in_namespace
 
-__all__ = ["UpstreamError", "UpstreamPool", "UpstreamResponse"]
+__all__ = ["InNamespace", "Target", "UpstreamError", "UpstreamPool", "UpstreamResponse"]
+
+log = logging.getLogger("dockyard.containers")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -39,10 +50,25 @@ class UpstreamError(ConnectionError):
     """The connection to the container failed or broke before the response was complete."""
 
 
+@dataclass(frozen=True, slots=True)
+class InNamespace:
+    """Container port ``port`` on the loopback of container ``container_id`` (main
+    process ``pid``), published on the host as ``host_port`` (the fallback)."""
+
+    container_id: str
+    pid: int
+    port: int
+    host_port: int
+
+
+# A published host port on 127.0.0.1, or a port inside a container's namespace.
+Target = int | InNamespace
+
+
 class _Connection(WriteFlow, asyncio.Protocol):
-    def __init__(self, pool: UpstreamPool, port: int) -> None:
+    def __init__(self, pool: UpstreamPool, target: Target) -> None:
         self.pool = pool
-        self.port = port
+        self.target = target
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -213,14 +239,16 @@ class UpstreamPool:
 
     def __init__(self, *, max_idle_per_port: int = MAX_IDLE_PER_PORT) -> None:
         self.max_idle_per_port = max_idle_per_port
-        self._idle: dict[int, list[_Connection]] = {}
+        self._idle: dict[Target, list[_Connection]] = {}
         self._all: set[_Connection] = set()
+        # Namespace targets whose connection failed: reached at their host port since.
+        self._published_only: set[InNamespace] = set()
 
     async def request(
         self,
-        port: int,
+        target: Target,
         method: str,
-        target: str,
+        path: str,
         headers: list[tuple[str, str]],
         body: BodySource = None,
     ) -> UpstreamResponse:
@@ -229,12 +257,12 @@ class UpstreamPool:
         A request that can be sent again (no body, or a bytes body) is retried once on a
         new connection when a reused one turns out to have been closed by the container.
         """
-        head, body_framing = _serialize_head(method, target, headers, body)
-        connection = self._idle_connection(port)
+        head, body_framing = _serialize_head(method, path, headers, body)
+        connection = self._idle_connection(target)
         replayable = body is None or isinstance(body, bytes)  # (no slow ABC check)
         for attempt in (1, 2):
             if connection is None:
-                connection = await self._connect(port)
+                connection = await self._connect(target)
             try:
                 return await self._exchange(connection, head, body, body_framing)
             except UpstreamError:
@@ -252,15 +280,24 @@ class UpstreamPool:
     def open_connections(self) -> int:
         return len(self._all)
 
-    async def _connect(self, port: int) -> _Connection:
+    async def _connect(self, target: Target) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                transport, connection = await loop.create_connection(
-                    lambda: _Connection(self, port), "127.0.0.1", port
-                )
+                sock = None
+                if isinstance(target, InNamespace) and target not in self._published_only:
+                    sock = await self._connect_inside(target)
+                if sock is not None:
+                    transport, connection = await _adopt(
+                        loop, sock, lambda: _Connection(self, target)
+                    )
+                else:
+                    port = target.host_port if isinstance(target, InNamespace) else target
+                    transport, connection = await loop.create_connection(
+                        lambda: _Connection(self, target), "127.0.0.1", port
+                    )
         except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot connect to 127.0.0.1:{port}: {exc}") from exc
+            raise UpstreamError(f"cannot connect to {_describe(target)}: {exc}") from exc
         # uvloop may call connection_made only after create_connection has returned.
         connection.transport = transport
         # Requests are small single writes answered at once: Nagle's algorithm would
@@ -270,6 +307,26 @@ class UpstreamPool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._all.add(connection)
         return connection
+
+    async def _connect_inside(self, target: InNamespace) -> socket.socket | None:
+        """A socket connected inside the container's namespace, or None (after which the
+        target is reached at its published port)."""
+        try:
+            return await connect_in_namespace(
+                target.pid, target.container_id, target.port, CONNECT_TIMEOUT
+            )
+        except (OSError, ContainerError) as exc:
+            # A server listening on the container's external address only, a container
+            # that is being replaced, or no right to enter: the published port still works.
+            log.debug(
+                "Container %s port %d: reached at its published port (%s)",
+                target.container_id[:12],
+                target.port,
+                exc,
+            )
+            if len(self._published_only) < 4096:
+                self._published_only.add(target)
+            return None
 
     async def _exchange(
         self, connection: _Connection, head: bytes, body: BodySource, chunked: bool
@@ -298,8 +355,8 @@ class UpstreamPool:
             raise
         return response
 
-    def _idle_connection(self, port: int) -> _Connection | None:
-        idle = self._idle.get(port)
+    def _idle_connection(self, target: Target) -> _Connection | None:
+        idle = self._idle.get(target)
         while idle:
             connection = idle.pop()
             if not connection.closed:
@@ -308,7 +365,7 @@ class UpstreamPool:
         return None
 
     def _keep(self, connection: _Connection) -> None:
-        idle = self._idle.setdefault(connection.port, [])
+        idle = self._idle.setdefault(connection.target, [])
         if len(idle) < self.max_idle_per_port:
             idle.append(connection)
         else:
@@ -316,9 +373,39 @@ class UpstreamPool:
 
     def _forget(self, connection: _Connection) -> None:
         self._all.discard(connection)
-        idle = self._idle.get(connection.port)
+        idle = self._idle.get(connection.target)
         if idle and connection in idle:
             idle.remove(connection)
+            if not idle:
+                # Targets come and go with container runs: no key outlives its connections.
+                del self._idle[connection.target]
+
+
+async def _adopt(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, factory: Callable[[], _Connection]
+) -> tuple[asyncio.Transport, _Connection]:
+    """``create_connection(sock=sock)``, finished even if the caller is cancelled (and the
+    transport then closed). Cancelled midway, uvloop closes the descriptor it took over
+    but leaves ``sock`` thinking it still owns it: closing that later would close
+    whatever file reuses the number."""
+    adopting: asyncio.Future[tuple[asyncio.Transport, _Connection]]
+    adopting = asyncio.ensure_future(loop.create_connection(factory, sock=sock))
+    try:
+        return await asyncio.shield(adopting)
+    except asyncio.CancelledError:
+        adopting.add_done_callback(_close_adopted)
+        raise
+
+
+def _close_adopted(adopting: asyncio.Future[tuple[asyncio.Transport, _Connection]]) -> None:
+    if not adopting.cancelled() and adopting.exception() is None:
+        adopting.result()[0].close()
+
+
+def _describe(target: Target) -> str:
+    if isinstance(target, InNamespace):
+        return f"port {target.port} of container {target.container_id[:12]}"
+    return f"127.0.0.1:{target}"
 
 
 def _serialize_head(
