@@ -16,6 +16,10 @@ fails falls back to the published port, and that target is then reached there on
 Header names and values are latin-1 str both ways (one character per byte, as the
 gateway holds them): bytes pass through unchanged. A header that would corrupt the
 request (a line break, a NUL, a bad name) raises ``InvalidHeader`` and is never sent.
+
+Over 400 lines: one connection's protocol, its response and the pool that hands
+connections out share their state closely (a response returns its connection to the
+pool); the head's serialization is the only piece that stands alone, and it is short.
 """
 
 from __future__ import annotations

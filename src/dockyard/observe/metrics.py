@@ -9,6 +9,9 @@ readings per container class, the log store) into one ``/metrics``.
 
 Label values are bounded: app, class, status class (2xx...), state, failure kind. Object
 ids never become label values (one series per object would grow without bound).
+
+Just over 400 lines: the app's series, the request path's lock-free histogram and the
+node's merge read as one vocabulary of series names; splitting them would scatter it.
 """
 
 from __future__ import annotations
