@@ -191,6 +191,10 @@ def test_deploy_hello_and_route_by_host(node: Node, tmp_path: Path) -> None:
     config = hello / "wrangler.jsonc"
     name = f"t-hello-{secrets.token_hex(3)}"
     config.write_text(config.read_text().replace('"hello"', json.dumps(name), 1))
+    # The CLI calls below take a few seconds each on a loaded machine: the container must
+    # not fall asleep (10 s in the example) before `containers stop` reaches it.
+    worker = hello / "src" / "worker.py"
+    worker.write_text(worker.read_text().replace('sleep_after = "10s"', 'sleep_after = "10m"'))
 
     node.deploy(str(hello))
     assert asyncio.run(get(node, f"{name}.localhost")) == (200, "Hello World\n")

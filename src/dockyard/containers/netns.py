@@ -26,6 +26,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import socket
 import threading
@@ -125,7 +126,7 @@ def _connect(pid: int, container_id: str, port: int, timeout: float) -> socket.s
 
 def _enter(pid: int, container_id: str | None = None) -> None:
     """Move this thread into the network namespace of ``pid`` (of ``container_id``)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = _libc()
     try:
         fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -145,6 +146,12 @@ def _enter(pid: int, container_id: str | None = None) -> None:
             )
     finally:
         os.close(fd)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # Looked up once: find_library runs ldconfig, which costs a process per call.
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def _belongs_to(pid: int, container_id: str) -> bool:
