@@ -98,6 +98,12 @@ class DockerRuntime(AsyncClosing):
         return self._url or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
 
     @property
+    def local_engine(self) -> bool:
+        """The engine runs on this machine (a unix socket): its PIDs, log files and
+        network namespaces are this machine's."""
+        return self.engine_address.startswith("unix://")
+
+    @property
     def capabilities(self) -> RuntimeCapabilities:
         return RuntimeCapabilities(
             disk_limit=self._disk_limit,
@@ -507,7 +513,7 @@ class DockerRuntime(AsyncClosing):
     def egress_listeners(self) -> str | None:
         """See `EgressListeners`: entering a container's namespace needs root and the
         engine's processes in this process's /proc (a local engine)."""
-        if not self.engine_address.startswith("unix://"):
+        if not self.local_engine:
             return f"a local engine (this one is {self.engine_address})"
         if os.geteuid() != 0:
             return "Dockyard running as root"
@@ -544,11 +550,7 @@ class DockerRuntime(AsyncClosing):
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:
         data = await self._inspect_raw(container_id)
-        return (
-            None
-            if data is None
-            else _container_info(data, local=self.engine_address.startswith("unix://"))
-        )
+        return None if data is None else _container_info(data, local=self.local_engine)
 
     async def _inspect_raw(self, container_id: str) -> Mapping[str, Any] | None:
         """The engine's whole answer about a container; None when there is none."""
@@ -566,7 +568,7 @@ class DockerRuntime(AsyncClosing):
     async def log_file(self, container_id: str) -> str | None:
         """`LogFiles.log_file`: the engine's ``LogPath`` when the engine is local, the
         driver is json-file and this process may read the file."""
-        if not self.engine_address.startswith("unix://"):
+        if not self.local_engine:
             return None
         data = await self._inspect_raw(container_id)
         if data is None:
@@ -1105,7 +1107,7 @@ def _container_info(data: Mapping[str, Any], *, local: bool) -> ContainerInfo:
         host_ports=host_ports,
         started_at=_timestamp(state.get("StartedAt")),
         finished_at=_timestamp(state.get("FinishedAt")),
-        pid=int(state.get("Pid") or 0) or None if running and local else None,
+        pid=(int(state.get("Pid") or 0) or None) if running and local else None,
     )
 
 

@@ -39,6 +39,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .records import LogRecord
 
@@ -104,7 +105,8 @@ class _Histogram:
         """Cumulative counts by upper bound, as the exposition format has them."""
         cumulative = 0
         rows = []
-        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts, strict=True):
+        bounds = (*map(floatToGoString, self.bounds), "+Inf")
+        for bound, count in zip(bounds, self.counts, strict=True):
             cumulative += count
             rows.append((bound, float(cumulative)))
         return rows
