@@ -22,7 +22,7 @@ from dockyard.app import App
 from dockyard.containers.docker import DockerRuntime
 from dockyard.http import Request
 from dockyard.settings import ContainerSettings, Settings
-from tests.support.engine import docker_cli
+from tests.support.engine import docker_cli, remove_labelled_images
 
 pytestmark = [
     pytest.mark.docker,
@@ -75,6 +75,11 @@ class Base(Container):
     async def destroy_it(self):
         await self.destroy()
 
+    async def peer(self):
+        # The peer address the container's server saw for a request forwarded to it.
+        response = await self.container_fetch("http://container/cgi-bin/peer")
+        return (await response.text()).strip()
+
     async def container_id(self):
         await self.start_and_wait_for_ports()
         return self.ctx.container.info.id
@@ -117,6 +122,7 @@ async def fetch(request, env, ctx):
 DOCKERFILE = """\
 FROM dockyard/busybox:latest
 RUN ["sh", "-c", "mkdir -p /www && echo inside > /www/index.html"]
+COPY peer /www/cgi-bin/peer
 EXPOSE 8080
 CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
 """
@@ -132,6 +138,12 @@ def write_project(root: Path) -> str:
     # root ("unsafe name '.' in the bundle"), and test_egress_serve.py deploys this.
     (root / "container").mkdir()
     (root / "container" / "Dockerfile").write_text(DOCKERFILE)
+    # A CGI that answers with the peer address the container's server saw.
+    peer = root / "container" / "peer"
+    peer.write_text(
+        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$REMOTE_ADDR\"\n"
+    )
+    peer.chmod(0o755)
     config = {
         "name": name,
         "main": "worker.py",
@@ -241,9 +253,7 @@ async def lab(
         await app.stop()
         for info in await docker_runtime.list({"dockyard.app": name}):
             await docker_runtime.remove(info.id)
-        images = (await docker_cli("image", "ls", "-q", f"dockyard-{name}-*")).split()
-        if images:
-            await docker_cli("image", "rm", "-f", *set(images))
+        await remove_labelled_images(f"dockyard.app={name}")
 
 
 async def test_allowed_hosts_reach_the_origin_and_others_get_520(lab: Lab) -> None:

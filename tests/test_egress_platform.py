@@ -18,7 +18,7 @@ from dockyard.containers.docker import DockerRuntime
 from dockyard.containers.egress_handoff import egress_socket_path
 from dockyard.containers.remote import RemoteRuntime
 from dockyard.containers.runtime import ContainerSpec
-from dockyard.errors import ContainerGone
+from dockyard.errors import ContainerError, ContainerGone
 from dockyard.node.engine_api import EngineApi
 from dockyard.settings import ContainerSettings, Settings
 from tests.support.engine import docker_cli
@@ -84,6 +84,56 @@ async def test_the_node_hands_the_app_a_listener_inside_its_own_container_only(
         assert not egress_socket_path(socket_path).exists()
 
 
+async def test_the_node_hands_the_app_a_connection_inside_its_own_container_only(
+    tmp_path: Path, image: str, docker_runtime: DockerRuntime, test_labels: dict[str, str]
+) -> None:
+    app = test_labels[labels.APP]
+    owner = f"owner-{secrets.token_hex(4)}"
+    socket_path = tmp_path / "engine.sock"
+    # A server on the container's loopback only: no published port could reach it.
+    serves_inside = [
+        "sh",
+        "-c",
+        "echo inside > /index.html && exec httpd -f -p 127.0.0.1:8080 -h /",
+    ]
+    async with EngineApi(docker_runtime, owner) as api, RemoteRuntime(socket_path) as remote:
+        await api.open(app, socket_path, lambda: {image}, None)
+        assert remote.namespace_connections is None
+        mine = await remote.run(
+            ContainerSpec(
+                image=image,
+                labels={labels.APP: app, labels.OWNER: owner, labels.CLASS: "Web"},
+                entrypoint=serves_inside,
+            )
+        )
+        answer = b""
+        for _ in range(100):  # until httpd listens
+            try:
+                sock = await remote.connect_in_container(mine.id, 8080)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"GET /index.html HTTP/1.0\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            break
+        assert answer.startswith(b"HTTP/1.") and answer.endswith(b"inside\n"), answer
+        # Nothing listens there: an answer the app falls back on (the published port).
+        with pytest.raises(ContainerError, match="nothing accepts connections on port 9"):
+            await remote.connect_in_container(mine.id, 9)
+
+        other = await docker_runtime.run(
+            ContainerSpec(
+                image=image,
+                labels={**test_labels, labels.OWNER: "someone-else"},
+                entrypoint=serves_inside,
+            )
+        )
+        with pytest.raises(ContainerGone, match="does not exist"):
+            await remote.connect_in_container(other.id, 8080)
+
+
 async def test_a_node_that_cannot_listen_serves_no_egress_socket(
     tmp_path: Path, test_labels: dict[str, str]
 ) -> None:
@@ -137,6 +187,9 @@ async def test_an_app_over_the_engine_api_applies_its_egress_rules(
                 )
                 assert handled.headers["x-handled-by"] == "worker"
                 assert handled.body == "worker saw GET http://api.internal/y n\n"
+                # Requests reach the container on its own loopback: the node connected.
+                peer = await lab.call("ALLOWING", "n", "peer")
+                assert peer.strip("[]").removeprefix("::ffff:") == "127.0.0.1", peer
             finally:
                 await app.stop()
     finally:
@@ -144,7 +197,7 @@ async def test_an_app_over_the_engine_api_applies_its_egress_rules(
         await origin.wait_closed()
         for info in await docker_runtime.list({labels.APP: name}):
             await docker_runtime.remove(info.id)
-        await docker_cli("image", "rm", "-f", ref)
+        await docker_cli("image", "rm", "-f", "--no-prune", ref)
 
 
 async def _origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

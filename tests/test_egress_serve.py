@@ -79,6 +79,10 @@ async def scenario(node: Node, name: str) -> None:
     assert match is not None, who
     assert int(match.group(1)) != 0
     assert node.proc is not None and int(match.group(2)) != node.proc.pid
+    # Requests reach the container on its own loopback, without the engine's userland
+    # proxy: the node made that connection inside the container and handed it over.
+    peer = await call(node, name, "/ALLOWING/s/peer")
+    assert peer.strip("[]").removeprefix("::ffff:") == "127.0.0.1", peer
     async with DockerRuntime() as runtime:
         (info,) = [i for i in await runtime.list({"dockyard.app": name}) if i.running]
     assert info.labels["dockyard.class"] == "Allowing"

@@ -164,7 +164,7 @@ async def test_a_boosted_start_runs_unthrottled_and_gets_the_quota_once_its_port
     tmp_path: Path, busybox_image: str, docker_runtime: DockerRuntime
 ) -> None:
     app = write_project(tmp_path / "app")
-    with DevServer(tmp_path / "app") as dev:
+    async with dev_server(tmp_path / "app", app, docker_runtime) as dev:
         async with aiohttp.ClientSession() as session:
             first = asyncio.create_task(session.get(f"{dev.url}/GATED/boosted"))
             container_id = await started_container(docker_runtime, app, "boosted")
@@ -192,7 +192,7 @@ async def test_a_class_without_start_boost_has_its_quota_from_the_start(
     tmp_path: Path, busybox_image: str, docker_runtime: DockerRuntime
 ) -> None:
     app = write_project(tmp_path / "app")
-    with DevServer(tmp_path / "app") as dev:
+    async with dev_server(tmp_path / "app", app, docker_runtime) as dev:
         async with aiohttp.ClientSession() as session:
             first = asyncio.create_task(session.get(f"{dev.url}/FIXED/plain"))
             container_id = await started_container(docker_runtime, app, "plain")

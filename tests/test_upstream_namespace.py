@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from dockyard.containers.docker import DockerRuntime
-from dockyard.containers.netns import connect_in_namespace
+from dockyard.containers.netns import connect_in_namespace, listen_in_namespace
 from dockyard.errors import ContainerError
 from tests.support.devserver import DevServer
 from tests.support.projects import Project, make_project
@@ -69,6 +69,8 @@ async def test_a_server_on_its_external_address_only_is_reached_at_the_published
 
 async def test_a_process_of_another_container_is_never_entered() -> None:
     # This test's own process: its cgroup names no such container, so nothing is entered
-    # (and nothing connects, although something may listen on that port here).
+    # (and nothing connects or listens, although something may listen on that port here).
     with pytest.raises(ContainerError, match="is not container"):
         await asyncio.wait_for(connect_in_namespace(os.getpid(), "f" * 64, 22, 1.0), 10)
+    with pytest.raises(ContainerError, match="is not container"):
+        await asyncio.wait_for(listen_in_namespace(os.getpid(), "f" * 64, 0), 10)

@@ -253,9 +253,12 @@ def remove_app(app: str) -> None:
     containers = docker("ps", "-aq", "--filter", f"label=dockyard.app={app}").split()
     if containers:
         docker("rm", "-f", *containers)
-    images = docker("image", "ls", "-q", "--filter", f"label=dockyard.app={app}").split()
-    if images:
-        docker("image", "rm", "-f", *sorted(set(images)))
+    # A layer at a time, never pruning unlabelled parents: see remove_labelled_images.
+    for _ in range(16):
+        images = docker("image", "ls", "-q", "--filter", f"label=dockyard.app={app}").split()
+        if not images:
+            return
+        docker("image", "rm", "-f", "--no-prune", *sorted(set(images)))
 
 
 def make_api_project(

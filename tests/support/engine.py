@@ -68,9 +68,19 @@ async def test_labels(docker_runtime: DockerRuntime) -> AsyncIterator[dict[str, 
     # Images built by a test carry the same labels; remove them too (by label, never
     # by name), so reruns start clean.
     label_filter = ",".join(f"{key}={value}" for key, value in labels.items())
-    found = (await docker_cli("image", "ls", "-q", "--filter", f"label={label_filter}")).split()
-    if found:
-        await docker_cli("image", "rm", "-f", *set(found))
+    await remove_labelled_images(label_filter)
+
+
+async def remove_labelled_images(label_filter: str) -> None:
+    """Every image with the label (``key=value``), a layer at a time from the top, never
+    pruning an unlabelled parent: that is a build-cache layer (a Dockerfile's steps come
+    before the build's own LABEL), which another test's build in another worker may be
+    using at this moment. Pruned, it fails that build ("failed to get digest ...")."""
+    for _ in range(16):
+        found = (await docker_cli("image", "ls", "-q", "--filter", f"label={label_filter}")).split()
+        if not found:
+            return
+        await docker_cli("image", "rm", "-f", "--no-prune", *set(found))
 
 
 async def docker_cli(*args: str) -> str:

@@ -57,6 +57,8 @@ NO_INTERNET_NETWORK = "dockyard-no-internet"
 # How long a short call (inspect, list, signal, create, ...) may take before the engine
 # counts as unavailable. Waits, stops, builds, logs and execs last as long as they must.
 DEFAULT_REQUEST_TIMEOUT = 30.0
+# How long a connection made inside a container may wait for the port to accept it.
+CONNECT_SECONDS = 5.0
 _MASQUERADE_OPTION = "com.docker.network.bridge.enable_ip_masquerade"
 _ICC_OPTION = "com.docker.network.bridge.enable_icc"
 _BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
@@ -520,12 +522,29 @@ class DockerRuntime(AsyncClosing):
         return None
 
     async def listen_in_container(self, container_id: str, port: int) -> socket.socket:
+        container_id, pid = await self._main_process(container_id)
+        return await netns.listen_in_namespace(pid, container_id, port)
+
+    @property
+    def namespace_connections(self) -> str | None:
+        """See `NamespaceConnections`: the same needs as `egress_listeners`."""
+        return self.egress_listeners
+
+    async def connect_in_container(
+        self, container_id: str, port: int, *, pid: int | None = None
+    ) -> socket.socket:
+        if pid is None:
+            container_id, pid = await self._main_process(container_id)
+        return await netns.connect_in_namespace(pid, container_id, port, CONNECT_SECONDS)
+
+    async def _main_process(self, container_id: str) -> tuple[str, int]:
+        """The container's full id and the PID of its main process (it must run)."""
         async with self._short_call("inspect a container", container_id=container_id):
             data = await self._client().containers.container(container_id).show()
         pid = int((data.get("State") or {}).get("Pid") or 0)
         if pid <= 0:
             raise ContainerError(f"container {container_id[:12]} is not running")
-        return await netns.listen_in_namespace(pid, port)
+        return str(data.get("Id") or container_id), pid
 
     async def remove_no_internet_network(self) -> None:
         """Remove the no-internet network and its firewall rule; a no-op when absent.

@@ -1,4 +1,5 @@
-"""How an app process on a node gets a listening socket inside one of its containers.
+"""How an app process on a node gets a socket inside one of its containers: a listener
+(egress), or a connection to a port on the container's loopback (the request path).
 
 On ``dockyard serve`` an app's worker and objects run in an unprivileged process that
 reaches the engine only through the node (remote.py). Egress control needs a socket made
@@ -8,14 +9,23 @@ socket and hands it over: each app has a second unix socket, ``egress.sock`` bes
 ``engine.sock`` (same mode and owner: the socket is the app's identity), and the node
 applies the same policy as for every engine call (only the app's own containers).
 
+Requests to a container take the same way for the same reason: a connection made on the
+container's own loopback skips the engine's userland proxy (netns.py), and only root can
+make it. The app asks once per pooled upstream connection, not per request.
+
 The wire, one exchange per connection:
 
     app  -> node   {"container_id": "<full id>", "port": 15080}\\n
     node -> app    {"ok": true}\\n   with the listening socket attached (SCM_RIGHTS)
                or  {"error": {"type": ..., "message": ...}}\\n   (remote.py's errors)
 
-The node closes its copy once sent: the listener then lives only in the app process, and
-closes with it (or when the app's supervisor closes it at the container's end).
+    app  -> node   {"container_id": "<full id>", "port": 8080, "connect": true}\\n
+    node -> app    {"ok": true, "connected": true}\\n   with the connected socket attached
+               or  {"error": ...}\\n
+
+The node closes its copy once sent: the socket then lives only in the app process, and
+closes with it (or when the app closes it: the supervisor at the container's end for a
+listener, the upstream pool for a connection).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from typing import Any
 
 from ..errors import ContainerError, EngineUnavailable
 
-__all__ = ["EGRESS_SOCKET", "ListenServer", "egress_socket_path", "request_listener"]
+__all__ = ["EGRESS_SOCKET", "ListenServer", "egress_socket_path", "request_socket"]
 
 log = logging.getLogger("dockyard.containers")
 
@@ -48,17 +58,21 @@ def egress_socket_path(engine_socket: Path) -> Path:
     return Path(engine_socket).with_name(EGRESS_SOCKET)
 
 
-Listen = Callable[[str, int], Awaitable[socket.socket]]
+Make = Callable[[str, int], Awaitable[socket.socket]]
 ErrorBody = Callable[[Exception], dict[str, Any]]
 
 
 class ListenServer:
-    """The node's end for one app: ``listen(container_id, port)`` makes the socket (and
-    applies the node's policy); ``error_body`` turns its failures into the wire's error."""
+    """The node's end for one app: ``listen(container_id, port)`` and ``connect(...)`` make
+    the socket (and apply the node's policy); ``error_body`` turns their failures into the
+    wire's error. Without ``connect``, connections are refused with an error."""
 
-    def __init__(self, path: Path, listen: Listen, error_body: ErrorBody) -> None:
+    def __init__(
+        self, path: Path, listen: Make, error_body: ErrorBody, connect: Make | None = None
+    ) -> None:
         self.path = Path(path)
         self._listen = listen
+        self._connect = connect
         self._error_body = error_body
         self._sock: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -104,7 +118,7 @@ class ListenServer:
 
     async def _serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        listener: socket.socket | None = None
+        made: socket.socket | None = None
         try:
             async with asyncio.timeout(_TIMEOUT):
                 try:
@@ -112,29 +126,40 @@ class ListenServer:
                     container_id, port = ask["container_id"], ask["port"]
                     if not isinstance(container_id, str) or not isinstance(port, int):
                         raise ContainerError("container_id must be a string, port an integer")
-                    listener = await self._listen(container_id, port)
-                except (ValueError, KeyError, TypeError) as exc:
+                    connect = ask.get("connect") is True
+                    if not connect:
+                        made = await self._listen(container_id, port)
+                    elif self._connect is None:
+                        raise ContainerError("this node makes no connections in containers")
+                    else:
+                        made = await self._connect(container_id, port)
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
                     answer = self._error_body(ContainerError(f"bad request: {exc}"))
                 except Exception as exc:
                     answer = self._error_body(exc)
                 else:
-                    answer = {"ok": True}
-                await _send(loop, conn, answer, listener)
+                    answer = {"ok": True, "connected": True} if connect else {"ok": True}
+                await _send(loop, conn, answer, made)
         except (OSError, TimeoutError) as exc:
             log.warning("egress socket %s: %s", self.path, exc)
         finally:
-            if listener is not None:
-                listener.close()  # the app holds its own copy now
+            if made is not None:
+                made.close()  # the app holds its own copy now
             conn.close()
 
 
-async def request_listener(
-    path: Path, container_id: str, port: int, decode_error: Callable[[Any, str], ContainerError]
+async def request_socket(
+    path: Path,
+    container_id: str,
+    port: int,
+    decode_error: Callable[[Any, str], ContainerError],
+    *,
+    connect: bool = False,
 ) -> socket.socket:
-    """The app's end: a socket listening on 127.0.0.1:``port`` inside the container, made
-    by the node. Raises what the node raised (``decode_error`` rebuilds it: ``ContainerGone``
-    for a container that is not the app's), or ``EngineUnavailable`` when the node does
-    not answer."""
+    """The app's end: a socket listening on 127.0.0.1:``port`` inside the container, or
+    (``connect``) connected to it there, made by the node. Raises what the node raised
+    (``decode_error`` rebuilds it: ``ContainerGone`` for a container that is not the
+    app's), or ``EngineUnavailable`` when the node does not answer."""
     loop = asyncio.get_running_loop()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.setblocking(False)
@@ -142,7 +167,10 @@ async def request_listener(
     try:
         async with asyncio.timeout(_TIMEOUT):
             await loop.sock_connect(conn, str(path))
-            ask = json.dumps({"container_id": container_id, "port": port}) + "\n"
+            fields: dict[str, Any] = {"container_id": container_id, "port": port}
+            if connect:
+                fields["connect"] = True
+            ask = json.dumps(fields) + "\n"
             await loop.sock_sendall(conn, ask.encode())
             data = b""
             while b"\n" not in data:
@@ -153,20 +181,25 @@ async def request_listener(
                 data += chunk
                 if len(data) > _MAX_MESSAGE:
                     raise ConnectionError("the node's answer is too long")
-    except (OSError, TimeoutError) as exc:
+    except BaseException as exc:
+        # Sockets already received belong to nobody else (a cancellation included).
         for fd in fds:
             os.close(fd)
+        if not isinstance(exc, OSError | TimeoutError):
+            raise
         raise EngineUnavailable(
-            f"Could not get an egress listener from the node at {path}: {exc}",
+            f"Could not get a socket in a container from the node at {path}: {exc}",
             address=str(path),
         ) from exc
     finally:
         conn.close()
     answer = json.loads(data.split(b"\n", 1)[0])
-    if answer.get("ok") is True and len(fds) == 1:
-        listener = socket.socket(fileno=fds[0])
-        listener.setblocking(False)
-        return listener
+    # A node that did not understand "connect" would hand over a listener: never taken
+    # for a connection.
+    if answer.get("ok") is True and answer.get("connected", False) is connect and len(fds) == 1:
+        made = socket.socket(fileno=fds[0])
+        made.setblocking(False)
+        return made
     for fd in fds:
         os.close(fd)
     raise decode_error(answer, str(path))

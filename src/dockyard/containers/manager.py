@@ -30,7 +30,13 @@ from ..settings import ContainerSettings
 from . import labels
 from .images import ensure_image
 from .proxy import open_session
-from .runtime import ContainerInfo, ContainerRuntime, ContainerSpec, ImagePorts
+from .runtime import (
+    ContainerInfo,
+    ContainerRuntime,
+    ContainerSpec,
+    ImagePorts,
+    NamespaceConnections,
+)
 from .supervisor import ContainerOptions, ContainerSupervisor, Phase
 from .upstream import UpstreamPool
 
@@ -79,9 +85,16 @@ class ContainerManager:
         self.app = config.name
         self.owner = owner
         self.settings = settings or ContainerSettings()
-        # Entering a container's namespace needs root (CAP_SYS_ADMIN); the runtime gives
-        # a process id only beside a local engine (ContainerInfo.pid).
-        self.upstream_in_namespace = self.settings.upstream_in_namespace and os.geteuid() == 0
+        # Requests reach containers on their own loopback where the runtime can connect
+        # there (NamespaceConnections: root beside a local engine, or such a node).
+        connect_inside = None
+        if (
+            self.settings.upstream_in_namespace
+            and isinstance(runtime, NamespaceConnections)
+            and runtime.namespace_connections is None
+        ):
+            connect_inside = runtime.connect_in_container
+        self.upstream_in_namespace = connect_inside is not None
         self._config = config
         self._on_build_output = on_build_output or (lambda line: log.info("%s", line))
         self.classes: dict[str, ClassImage] = {
@@ -90,7 +103,7 @@ class ContainerManager:
         self._capacity: dict[str, _Capacity] = {name: _Capacity() for name in self.classes}
         self._supervisors: dict[tuple[str, str], ContainerSupervisor] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._upstream = UpstreamPool()
+        self._upstream = UpstreamPool(connect_inside=connect_inside)
         self._waker: Waker | None = None
         self._warned_disk = False
         self._stopping = False

@@ -17,7 +17,8 @@ CAP_SYS_ADMIN (root) and the container's process visible in this process's ``/pr
 on the container's own loopback skips the engine's userland proxy (docker-proxy), which
 otherwise reads and writes every byte once more and wakes once more per request (see the
 README's benchmark). Before entering, it checks that the process still belongs to the
-container (its cgroup names the container's id), so a reused PID never leads elsewhere.
+container (its cgroup names the container's id), so a reused PID never leads elsewhere;
+so does `listen_in_namespace`.
 """
 
 from __future__ import annotations
@@ -45,11 +46,14 @@ def can_enter(pid: int) -> bool:
     return os.geteuid() == 0 and os.path.exists(f"/proc/{pid}/ns/net")
 
 
-async def listen_in_namespace(pid: int, port: int, backlog: int = 128) -> socket.socket:
+async def listen_in_namespace(
+    pid: int, container_id: str, port: int, backlog: int = 128
+) -> socket.socket:
     """A non-blocking TCP socket listening on ``127.0.0.1:port`` in the network namespace
-    of process ``pid``. Raises ``ContainerError`` when the namespace cannot be entered or
-    the port is taken there."""
-    return await _in_namespace(pid, lambda: _listen(pid, port, backlog))
+    of process ``pid``, which must belong to container ``container_id``. Raises
+    ``ContainerError`` when the namespace cannot be entered (or the process is not the
+    container's) or the port is taken there."""
+    return await _in_namespace(pid, lambda: _listen(pid, container_id, port, backlog))
 
 
 async def connect_in_namespace(
@@ -95,8 +99,8 @@ async def _in_namespace(pid: int, make: Callable[[], socket.socket]) -> socket.s
         raise
 
 
-def _listen(pid: int, port: int, backlog: int) -> socket.socket:
-    _enter(pid)
+def _listen(pid: int, container_id: str, port: int, backlog: int) -> socket.socket:
+    _enter(pid, container_id)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -124,8 +128,9 @@ def _connect(pid: int, container_id: str, port: int, timeout: float) -> socket.s
     return sock
 
 
-def _enter(pid: int, container_id: str | None = None) -> None:
-    """Move this thread into the network namespace of ``pid`` (of ``container_id``)."""
+def _enter(pid: int, container_id: str) -> None:
+    """Move this thread into the network namespace of ``pid``, a process of container
+    ``container_id``."""
     libc = _libc()
     try:
         fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -136,7 +141,7 @@ def _enter(pid: int, container_id: str | None = None) -> None:
     try:
         # Checked after the namespace is open: if the PID was reused before the open, the
         # cgroup read here names another container (or none) and nothing is entered.
-        if container_id is not None and not _belongs_to(pid, container_id):
+        if not _belongs_to(pid, container_id):
             raise ContainerError(f"process {pid} is not container {container_id[:12]}'s")
         if libc.setns(fd, CLONE_NEWNET) != 0:
             code = ctypes.get_errno()

@@ -54,7 +54,7 @@ from dockyard.errors import (
 )
 
 from .._closing import AsyncClosing
-from .egress_handoff import egress_socket_path, request_listener
+from .egress_handoff import egress_socket_path, request_socket
 
 __all__ = ["RemoteExecProcess", "RemoteRuntime"]
 
@@ -134,7 +134,21 @@ class RemoteRuntime(AsyncClosing):
 
     async def listen_in_container(self, container_id: str, port: int) -> socket.socket:
         path = egress_socket_path(self.socket_path)
-        return await request_listener(path, container_id, port, error_from_body)
+        return await request_socket(path, container_id, port, error_from_body)
+
+    # NamespaceConnections: the same socket, for connections (the request path).
+
+    @property
+    def namespace_connections(self) -> str | None:
+        return self.egress_listeners
+
+    async def connect_in_container(
+        self, container_id: str, port: int, *, pid: int | None = None
+    ) -> socket.socket:
+        """``pid`` is ignored: the node looks the process up itself (and checks that the
+        container is this app's)."""
+        path = egress_socket_path(self.socket_path)
+        return await request_socket(path, container_id, port, error_from_body, connect=True)
 
     async def aclose(self) -> None:
         if self._session is not None:

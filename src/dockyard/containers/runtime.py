@@ -8,6 +8,8 @@ API, and tests may pass a small fake that implements only the concern it needs:
     ImagePorts           exposed_ports (optional: a runtime without it exposes nothing)
     ImagePuller          pull (optional: a runtime without it pulls nothing)
     EgressListeners      listen_in_container (optional: egress control needs it)
+    NamespaceConnections connect_in_container (optional: without it, requests to a
+                         container go to its published port)
     ContainerLifecycle   run, inspect, wait, signal, stop, pause, unpause, set_cpu_limit,
                          kill, remove, list, engine_info
     ContainerExec        exec, exec_stream
@@ -83,6 +85,7 @@ __all__ = [
     "ImageStore",
     "LogFiles",
     "LogLine",
+    "NamespaceConnections",
     "RuntimeCapabilities",
 ]
 
@@ -295,6 +298,29 @@ class EgressListeners(Protocol):
         """A non-blocking socket listening on 127.0.0.1:`port` as the running container
         sees it. Raises `ContainerError` when the container's namespace cannot be entered
         or the port is taken there."""
+        ...
+
+
+@runtime_checkable
+class NamespaceConnections(Protocol):
+    """Connections made inside a container's own network namespace, to a port on its
+    loopback: how requests reach a container without the engine's userland proxy
+    (containers/upstream.py). Optional: a runtime without it has requests go to the
+    container's published port."""
+
+    @property
+    def namespace_connections(self) -> str | None:
+        """None when `connect_in_container` can work here; else what it needs."""
+        ...
+
+    async def connect_in_container(
+        self, container_id: str, port: int, *, pid: int | None = None
+    ) -> socket.socket:
+        """A non-blocking socket connected to 127.0.0.1:`port` as the running container
+        sees it. ``pid``, the container's main process as `ContainerInfo.pid` gave it,
+        saves a lookup where the runtime can use it. Raises `ContainerError` when the
+        namespace cannot be entered, `ContainerError` or `OSError` when nothing accepts
+        the connection there."""
         ...
 
 

@@ -343,7 +343,7 @@ class ContainerSupervisor:
         """Where requests to ``port`` (published as ``host_port``) connect: inside the
         container's network namespace when this process may enter it, else the host port."""
         info = self.info
-        if info is None or info.pid is None or not self.manager.upstream_in_namespace:
+        if info is None or not self.manager.upstream_in_namespace:
             return host_port
         cached = self._targets
         if cached is None or cached[0] is not info:

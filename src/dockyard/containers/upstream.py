@@ -7,11 +7,12 @@ per port, request bodies as bytes or streams (chunked when their length is unkno
 response bodies buffered or streamed with flow control both ways, HEAD requests.
 WebSocket upgrades stay with aiohttp (see proxy.py).
 
-A port is reached either at its published ``127.0.0.1:<host port>``, or, when Dockyard may
-enter the container's network namespace (root, a local engine), as ``InNamespace``: on
-the container's own loopback, through a socket made inside its namespace (netns.py),
-which keeps the engine's userland proxy off the path. A namespace connection that
-fails falls back to the published port, and that target is then reached there only.
+A port is reached either at its published ``127.0.0.1:<host port>``, or, when the runtime
+can make connections inside containers (root beside a local engine, or a node that is,
+see `NamespaceConnections`), as ``InNamespace``: on the container's own loopback, through
+a socket made inside its namespace (netns.py), which keeps the engine's userland proxy off
+the path. A namespace connection that fails falls back to the published port, and that
+target is then reached there only.
 
 Header names and values are latin-1 str both ways (one character per byte, as the
 gateway holds them): bytes pass through unchanged. A header that would corrupt the
@@ -28,7 +29,7 @@ import asyncio
 import logging
 import re
 import socket
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -37,9 +38,15 @@ import httptools
 from .._flow import ChunkBuffer, WriteFlow
 from ..errors import ContainerError, InvalidHeader
 from ..http import GOOD_HEADER_NAMES, check_header_name, encode_header_block
-from .netns import connect_in_namespace
 
-__all__ = ["InNamespace", "Target", "UpstreamError", "UpstreamPool", "UpstreamResponse"]
+__all__ = [
+    "ConnectInside",
+    "InNamespace",
+    "Target",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamResponse",
+]
 
 log = logging.getLogger("dockyard.containers")
 
@@ -57,16 +64,21 @@ class UpstreamError(ConnectionError):
 @dataclass(frozen=True, slots=True)
 class InNamespace:
     """Container port ``port`` on the loopback of container ``container_id`` (main
-    process ``pid``), published on the host as ``host_port`` (the fallback)."""
+    process ``pid`` where the runtime reported one), published on the host as
+    ``host_port`` (the fallback)."""
 
     container_id: str
-    pid: int
+    pid: int | None
     port: int
     host_port: int
 
 
 # A published host port on 127.0.0.1, or a port inside a container's namespace.
 Target = int | InNamespace
+
+# NamespaceConnections.connect_in_container: (container id, port, pid=...) -> a socket
+# connected inside the container.
+ConnectInside = Callable[..., Awaitable[socket.socket]]
 
 
 class _Connection(WriteFlow, asyncio.Protocol):
@@ -239,10 +251,19 @@ BodySource = bytes | AsyncIterable[bytes] | None
 
 
 class UpstreamPool:
-    """Keep-alive connections to container ports on 127.0.0.1, reused across requests."""
+    """Keep-alive connections to container ports on 127.0.0.1, reused across requests.
 
-    def __init__(self, *, max_idle_per_port: int = MAX_IDLE_PER_PORT) -> None:
+    ``connect_inside`` makes the connections to ``InNamespace`` targets; without it they
+    go to the published port."""
+
+    def __init__(
+        self,
+        *,
+        max_idle_per_port: int = MAX_IDLE_PER_PORT,
+        connect_inside: ConnectInside | None = None,
+    ) -> None:
         self.max_idle_per_port = max_idle_per_port
+        self._connect_in_container = connect_inside
         self._idle: dict[Target, list[_Connection]] = {}
         self._all: set[_Connection] = set()
         # Namespace targets whose connection failed: reached at their host port since.
@@ -289,8 +310,12 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 sock = None
-                if isinstance(target, InNamespace) and target not in self._published_only:
-                    sock = await self._connect_inside(target)
+                if (
+                    isinstance(target, InNamespace)
+                    and self._connect_in_container is not None
+                    and target not in self._published_only
+                ):
+                    sock = await self._connect_inside(self._connect_in_container, target)
                 if sock is not None:
                     transport, connection = await _adopt(
                         loop, sock, lambda: _Connection(self, target)
@@ -312,13 +337,13 @@ class UpstreamPool:
         self._all.add(connection)
         return connection
 
-    async def _connect_inside(self, target: InNamespace) -> socket.socket | None:
+    async def _connect_inside(
+        self, connect: ConnectInside, target: InNamespace
+    ) -> socket.socket | None:
         """A socket connected inside the container's namespace, or None (after which the
         target is reached at its published port)."""
         try:
-            return await connect_in_namespace(
-                target.pid, target.container_id, target.port, CONNECT_TIMEOUT
-            )
+            return await connect(target.container_id, target.port, pid=target.pid)
         except (OSError, ContainerError) as exc:
             # A server listening on the container's external address only, a container
             # that is being replaced, or no right to enter: the published port still works.

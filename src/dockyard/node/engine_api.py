@@ -21,8 +21,9 @@ The policy, enforced here and nowhere else:
 - `list` always filtered by the forced labels; `build_image` has no route; `image_id`
   and `exposed_ports` answer only for allowed images.
 - Beside the engine socket, `egress.sock` (containers/egress_handoff.py, served only when
-  the node can enter containers' namespaces) hands the app a listening socket inside one
-  of its own running containers, for its egress proxy; nothing else.
+  the node can enter containers' namespaces) hands the app a socket inside one of its
+  own running containers: a listener for its egress proxy, or a connection to a port on
+  the container's loopback for its requests; nothing else.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from dockyard.containers.runtime import (
     EgressListeners,
     EngineInfo,
     ImagePorts,
+    NamespaceConnections,
 )
 from dockyard.errors import ContainerError, ContainerGone, ImageError, StartFailed
 
@@ -218,8 +220,14 @@ class EngineApi(AsyncClosing):
         served = self._served[app] = _Served(runner, socket_path)
         runtime = self.runtime
         if isinstance(runtime, EgressListeners) and runtime.egress_listeners is None:
+            connects = (
+                isinstance(runtime, NamespaceConnections) and runtime.namespace_connections is None
+            )
             egress = ListenServer(
-                egress_socket_path(socket_path), engine.listen_in_container, _egress_error
+                egress_socket_path(socket_path),
+                engine.listen_in_container,
+                _egress_error,
+                engine.connect_in_container if connects else None,
             )
             try:
                 await egress.start(uid)
@@ -332,6 +340,24 @@ class _AppEngine:
         info = await self._own(args, "listen in a container")
         assert isinstance(self.runtime, EgressListeners)
         return await self.runtime.listen_in_container(info.id, port)
+
+    async def connect_in_container(self, container_id: str, port: int) -> socket.socket:
+        """A connection to a port on the loopback of one of this app's running containers
+        (the request path, past the engine's userland proxy)."""
+        args = _Target(container_id=container_id)
+        if not 1 <= port <= 65535:
+            raise ContainerError(f"port {port} is not a TCP port")
+        info = await self._own(args, "connect in a container")
+        assert isinstance(self.runtime, NamespaceConnections)
+        try:
+            return await self.runtime.connect_in_container(info.id, port, pid=info.pid)
+        except OSError as exc:
+            # Nothing listens there (a server on the container's external address only):
+            # an answer, not a node failure; the app then uses the published port.
+            raise ContainerError(
+                f"nothing accepts connections on port {port} inside container "
+                f"{info.id[:12]}: {exc.strerror or exc}"
+            ) from exc
 
     def _check_image(self, ref: str) -> bool:
         return ref in self.allowed_images()
