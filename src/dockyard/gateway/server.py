@@ -78,13 +78,13 @@ class Gateway:
         if self.path is not None:
             _remove_stale_socket(self.path)
             self._server = await loop.create_unix_server(
-                lambda: HttpProtocol(self.respond, self._upgrade, self._connections, self.limits),
+                self.protocol,
                 str(self.path),
                 backlog=self.limits.backlog,
             )
             return 0
         self._server = await loop.create_server(
-            lambda: HttpProtocol(self.respond, self._upgrade, self._connections, self.limits),
+            self.protocol,
             self.host,
             self.port,
             reuse_address=True,
@@ -92,6 +92,11 @@ class Gateway:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
+
+    def protocol(self) -> HttpProtocol:
+        """The protocol for one new connection, as the server makes it per accepted socket
+        (bench/scenarios/layers.py feeds one through a transport of its own)."""
+        return HttpProtocol(self.respond, self._upgrade, self._connections, self.limits)
 
     async def serve_accepted(self, sock: socket.socket, initial: bytes = b"") -> None:
         """Serve a connection accepted elsewhere, as if this gateway had accepted it.
