@@ -134,6 +134,38 @@ async def test_the_node_hands_the_app_a_connection_inside_its_own_container_only
             await remote.connect_in_container(other.id, 8080)
 
 
+async def test_the_next_process_of_an_app_listens_beside_the_one_it_replaces(
+    image: str, docker_runtime: DockerRuntime, test_labels: dict[str, str]
+) -> None:
+    """A reload on a node: the new app process adopts the running container and opens its
+    egress listener while the old process still holds its own, until it ends."""
+    container = await docker_runtime.run(
+        ContainerSpec(image=image, labels={**test_labels, labels.CLASS: "Web"}, entrypoint=SLEEPS)
+    )
+    old = await docker_runtime.listen_in_container(container.id, 15080)
+    try:
+        new = await docker_runtime.listen_in_container(container.id, 15080)
+    finally:
+        old.close()  # the old process ends
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"served by the new process\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, sock=new)
+    try:
+        for _ in range(3):
+            result = await docker_runtime.exec(
+                container.id, ["sh", "-c", "echo hi | nc -w 5 127.0.0.1 15080"]
+            )
+            assert (result.exit_code, result.stdout) == (0, b"served by the new process\n")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_node_that_cannot_listen_serves_no_egress_socket(
     tmp_path: Path, test_labels: dict[str, str]
 ) -> None:

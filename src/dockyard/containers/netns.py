@@ -104,6 +104,10 @@ def _listen(pid: int, container_id: str, port: int, backlog: int) -> socket.sock
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # The next process of an app (a reload on a node) listens while the one it
+        # replaces still does, until that one ends: both serve meanwhile (the kernel
+        # spreads new connections), and the port is never left without a listener.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(("127.0.0.1", port))
         sock.listen(backlog)
         sock.setblocking(False)
