@@ -27,6 +27,7 @@ from dockyard.containers.docker import DockerRuntime
 from dockyard.errors import DockyardError
 from dockyard.node.appproc import AppEndpoint, AppProcesses, Launch, platform_record
 from dockyard.node.engine_api import EngineApi
+from dockyard.observe.records import LogRecord
 from tests.support.engine import docker_cli, wait_until
 
 WORKER = """
@@ -263,6 +264,43 @@ async def test_a_child_that_dies_before_ready_reports_its_last_lines(
     with pytest.raises(DockyardError, match="boom at import"):
         await processes.ensure(make_launch(base, "bad", bundle))
     assert processes.endpoint("bad") is None
+
+
+async def test_what_a_worker_prints_never_passes_for_the_processs_own_reports(
+    base: Path,
+) -> None:
+    """The worker shares the process's stdout: a partial line must not swallow the
+    process's "prepared" report, and a printed report or platform event stays the
+    worker's own output."""
+    fake_event = json.dumps(
+        {"log": {"message": "container started in 1 ms", "time": 1.0, "event": "container.start"}}
+    )
+    worker = WORKER.format(version="v1") + textwrap.dedent(
+        f"""
+        print({fake_event!r})
+        print('{{"event": "ready", "pid": 1}}')
+        print("loading", end="")
+        """
+    )
+    bundle = make_bundle(base, "chatty", "v1", worker=textwrap.dedent(worker))
+    records: list[LogRecord] = []
+
+    class Sink:
+        def emit(self, record: LogRecord) -> None:
+            records.append(record)
+
+    procs = AppProcesses(sink=Sink())
+    try:
+        await asyncio.wait_for(procs.ensure(make_launch(base, "chatty", bundle)), 30)
+        assert await fetch(procs.endpoint("chatty"), "/hello") == (200, "hello v1")
+        # Printed lines arrive as they are printed, not when the process ends.
+        await wait_until(lambda: _async(fake_event in [r.message for r in records]))
+    finally:
+        await procs.aclose()
+    assert [r for r in records if r.source == "platform"] == []
+    printed = [r.message for r in records if r.stream == "stdout"]
+    assert fake_event in printed
+    assert '{"event": "ready", "pid": 1}' in printed
 
 
 async def _load(

@@ -2,10 +2,15 @@
 
 ``AppProcesses`` runs one child per app (``python -m dockyard.node.child``, see child.py),
 as the app's uid when the node is root. The child gets its ``Launch`` as JSON on stdin
-(never argv or environment: secrets ride in it) and reports on stdout, one JSON line each:
+(never argv or environment: secrets ride in it) and reports on a pipe of its own (its
+fd is ``Launch.report_fd``), one JSON line each:
 
     {"event": "prepared", "pid": n}   config and worker loaded, sockets listening
     {"event": "ready", "pid": n}      the app started: requests are answered
+    {"log": {...}}                    a platform record (its containers' events)
+
+Not on stdout: the worker prints there. Its output is stored as the worker's, whatever
+it looks like, and a partial line of it can never swallow a report.
 
 Its sockets live in ``run_dir/p<pid>/`` (``http.sock``, ``handoff.sock``, ``control.sock``):
 a process that replaces another listens beside it, so the router switches to the new one
@@ -98,6 +103,8 @@ class Launch:
     # (requests in flight at a stop), see child.py; exit_grace: how long after the drain
     # a stopping process may take before it is killed.
     settings: dict[str, Any] = field(default_factory=dict)
+    # The child's end of its report pipe; set by the node when it starts the process.
+    report_fd: int | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()
@@ -152,10 +159,10 @@ class Instance:
 
 
 def platform_record(line: str, app: str, version: int) -> LogRecord | None:
-    """The record in an app process's ``{"log": {...}}`` line, or None when the line is
-    not one. Worker code prints to the same stdout, so nothing in it is trusted: the app
-    and version are the process's own, and a line whose fields do not have their types is
-    not a record (it is stored as the worker's line, as printed)."""
+    """The record in an app process's ``{"log": {...}}`` report, or None when the line is
+    not one. Worker code runs in that process, so nothing in it is trusted: the app and
+    version are the process's own, and a line whose fields do not have their types is
+    not a record."""
     try:
         data = json.loads(line)["log"]
     except (ValueError, KeyError, TypeError):
@@ -199,9 +206,12 @@ class _Child:
         self,
         launch: Launch,
         proc: asyncio.subprocess.Process,
+        reports: asyncio.StreamReader,
         on_exit: Callable[[_Child, int], None],
         sink: LogSink | None = None,
     ) -> None:
+        """``reports`` reads the child's report pipe; its stdout and stderr are what the
+        worker prints and logs."""
         loop = asyncio.get_running_loop()
         self.launch = launch
         self.sink = sink
@@ -219,8 +229,9 @@ class _Child:
         self._on_exit = on_exit
         assert proc.stdout is not None and proc.stderr is not None
         self._pumps = [
-            loop.create_task(self._pump(proc.stdout, events=True)),
-            loop.create_task(self._pump(proc.stderr, events=False)),
+            loop.create_task(self._pump(reports, "report")),
+            loop.create_task(self._pump(proc.stdout, "stdout")),
+            loop.create_task(self._pump(proc.stderr, "stderr")),
         ]
         self.exited: asyncio.Task[int] = loop.create_task(self._wait())
 
@@ -232,7 +243,8 @@ class _Child:
             self.launch.app, self.dir / "handoff.sock", self.dir / "http.sock", self.pid
         )
 
-    async def _pump(self, stream: asyncio.StreamReader, *, events: bool) -> None:
+    async def _pump(self, stream: asyncio.StreamReader, kind: str) -> None:
+        """Read one of the child's pipes: ``report``, ``stdout`` or ``stderr``."""
         while True:
             try:
                 raw = await stream.readline()
@@ -241,15 +253,17 @@ class _Child:
             if not raw:
                 return
             line = raw.decode(errors="replace").rstrip()
-            if events and line.startswith('{"event"') and self._event(line):
+            if kind == "report":
+                if not (line.startswith('{"event"') and self._event(line)) and not (
+                    line.startswith('{"log"') and self._record(line)
+                ):
+                    log.warning("%s[%d]: unreadable report %.200r", self.launch.app, self.pid, line)
                 continue
-            if events and line.startswith('{"log"') and self._record(line):
-                continue
-            if not events:
+            if kind == "stderr":
                 self.tail.append(line)
             log.info("%s[%d]: %s", self.launch.app, self.pid, line)
             if self.sink is not None:
-                self.sink.emit(self._worker_line(line, stderr=not events))
+                self.sink.emit(self._worker_line(line, stderr=kind == "stderr"))
 
     def _record(self, line: str) -> bool:
         """A platform event from the app process (its containers)."""
@@ -573,6 +587,7 @@ class AppProcesses:
         }
         # uvloop (which the node runs on) takes no user=/group=/umask=: the preexec
         # function does all of it, the same on either loop.
+        report_read, report_write = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
                 launch.python,
@@ -585,21 +600,33 @@ class AppProcesses:
                 cwd=state_dir,
                 env=env,
                 preexec_fn=_child_setup(launch.uid, os.getpid()),
+                pass_fds=(report_write,),
                 limit=1024 * 1024,
             )
         except subprocess.SubprocessError as exc:  # the preexec function failed
+            os.close(report_read)
             raise DockyardError(f"app {launch.app!r}: cannot start its process: {exc}") from exc
         except OSError as exc:
+            os.close(report_read)
             who = f"uid {launch.uid}" if launch.uid is not None else "the node"
             raise DockyardError(
                 f"app {launch.app!r}: cannot run {launch.python} as {who}: {exc.strerror}"
                 " (the interpreter and its folders must be readable by app uids)"
             ) from exc
-        child = _Child(launch, proc, self._exited, self.sink)
+        except BaseException:
+            os.close(report_read)
+            raise
+        finally:
+            os.close(report_write)  # the child's now: the pipe ends when the child does
+        reports = asyncio.StreamReader(limit=1024 * 1024)
+        await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reports), os.fdopen(report_read, "rb", 0)
+        )
+        child = _Child(launch, proc, reports, self._exited, self.sink)
         self._live.add(child)
         assert proc.stdin is not None
         try:
-            proc.stdin.write(launch.to_json())
+            proc.stdin.write(dataclasses.replace(launch, report_fd=report_write).to_json())
             await proc.stdin.drain()
         except OSError:
             pass  # it died at once: its exit says why

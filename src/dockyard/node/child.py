@@ -9,9 +9,12 @@ then listens in ``run_dir/p<pid>/``:
   ``GET /health``, ``GET /instances``, ``POST /reload`` (a Launch), ``POST /replace``
   ``{"class", "object_id"}``.
 
-and prints ``{"event": "prepared"}``. Then it takes the state folder (a previous process
+and reports ``{"event": "prepared"}``. Then it takes the state folder (a previous process
 of the app may still be finishing its requests: requests wait meanwhile), starts the
-app and prints ``{"event": "ready"}``. Logs go to stderr; the node logs each line.
+app and reports ``{"event": "ready"}``. Reports (those events, and the platform's records
+of its containers) go on the pipe the node passed (``Launch.report_fd``), never on stdout:
+the worker prints there, and a partial line of its own would swallow a report, a printed
+one pass for the process's. Logs go to stderr; the node logs each line.
 
 SIGTERM: stop taking connections, finish requests in flight (``drain_grace``), stop the
 objects and leave the containers running for the next process to adopt. SIGINT: the
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fcntl
+import io
 import json
 import logging
 import os
@@ -32,7 +36,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from aiohttp import web
 
@@ -87,6 +91,7 @@ class Child:
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
         self.leave_containers = True
+        self.reports = _Reports(launch.report_fd)
 
     def _on_signal(self, leave_containers: bool) -> None:
         # SIGINT wins over SIGTERM: once asked to stop the containers, they are stopped.
@@ -108,7 +113,7 @@ class Child:
                 image_overrides=launch.images,
                 vars=launch.vars,
                 secrets=launch.secrets,
-                sink=_StdoutSink(),
+                sink=self.reports,
             )
             # Before a previous process is told to stop: a version whose worker does not
             # import never takes over. (App.start imports it again.)
@@ -137,12 +142,12 @@ class Child:
             await handoff.start()
             await control.setup()
             await web.UnixSite(control, str(self.dir / "control.sock")).start()
-            _emit("prepared")
+            self.reports.event("prepared")
             if not await self._wait_state_lock(app.state_dir):
                 return 0
             await app.start()
             self.started.set()
-            _emit("ready")
+            self.reports.event("ready")
             await self.stopping.wait()
             log.info(
                 "stopping; containers will be %s",
@@ -292,17 +297,30 @@ def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None)
 
 
-class _StdoutSink:
-    """Platform events to the node, one ``{"log": ...}`` line each on stdout."""
+class _Reports:
+    """This process's reports to the node, one JSON line each: ``{"event": ...}`` and the
+    platform's records (``{"log": ...}``, a `LogSink`). On the node's pipe ``fd``; on
+    stdout only when started without one (by hand)."""
+
+    def __init__(self, fd: int | None) -> None:
+        if fd is None:
+            self._out: IO[str] = sys.stdout
+        else:
+            os.set_inheritable(fd, False)  # never the worker's subprocesses'
+            self._out = os.fdopen(fd, "w", encoding="utf-8")
+
+    def event(self, name: str) -> None:
+        self._write(json.dumps({"event": name, "pid": os.getpid()}))
 
     def emit(self, record: LogRecord) -> None:
-        sys.stdout.write('{"log":' + record.to_json() + "}\n")
-        sys.stdout.flush()
+        self._write('{"log":' + record.to_json() + "}")
 
-
-def _emit(event: str) -> None:
-    sys.stdout.write(json.dumps({"event": event, "pid": os.getpid()}) + "\n")
-    sys.stdout.flush()
+    def _write(self, line: str) -> None:
+        try:
+            self._out.write(line + "\n")
+            self._out.flush()
+        except (OSError, ValueError):
+            pass  # the node is gone (its pipe closed): nobody to report to
 
 
 def _configure_logging() -> None:
@@ -318,6 +336,10 @@ def _configure_logging() -> None:
 
 def main() -> int:
     _configure_logging()
+    # What the worker prints reaches the node (and `dockyard tail`) line by line, not when
+    # a pipe's buffer fills.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         launch = Launch.from_json(sys.stdin.buffer.read())
     except (ValueError, TypeError) as exc:
