@@ -6,8 +6,11 @@ and the handlers then run in the app process. Real engine, real unix sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
+import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,31 @@ def image(busybox_tag: str) -> str:
     return busybox_tag
 
 
+@contextlib.asynccontextmanager
+async def serving(listener: socket.socket, line: bytes) -> AsyncIterator[None]:
+    """Answer each connection on ``listener`` with ``line``, once it sent a line."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(line)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, sock=listener)
+    try:
+        yield
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def spec(image: str, with_labels: dict[str, str], entrypoint: list[str]) -> ContainerSpec:
+    """A container of class Web with these labels (app, owner), running ``entrypoint``."""
+    return ContainerSpec(
+        image=image, labels={**with_labels, labels.CLASS: "Web"}, entrypoint=entrypoint
+    )
+
+
 async def test_the_node_hands_the_app_a_listener_inside_its_own_container_only(
     tmp_path: Path, image: str, docker_runtime: DockerRuntime, test_labels: dict[str, str]
 ) -> None:
@@ -47,36 +75,16 @@ async def test_the_node_hands_the_app_a_listener_inside_its_own_container_only(
         await api.open(app, socket_path, lambda: {image}, None)
         assert remote.egress_listeners is None
         assert oct(egress_socket_path(socket_path).stat().st_mode & 0o777) == "0o600"
-        mine = await remote.run(
-            ContainerSpec(
-                image=image,
-                labels={labels.APP: app, labels.OWNER: owner, labels.CLASS: "Web"},
-                entrypoint=SLEEPS,
-            )
-        )
+        mine = await remote.run(spec(image, {labels.APP: app, labels.OWNER: owner}, SLEEPS))
         listener = await remote.listen_in_container(mine.id, 15080)
 
-        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readline()
-            writer.write(b"served by the app process\n")
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(answer, sock=listener)
-        try:
+        async with serving(listener, b"served by the app process\n"):
             result = await remote.exec(mine.id, ["sh", "-c", "echo hi | nc -w 5 127.0.0.1 15080"])
             assert (result.exit_code, result.stdout) == (0, b"served by the app process\n")
-        finally:
-            server.close()
-            await server.wait_closed()
 
         # Another app's container (same node) is "no such container", as for every call.
         other = await docker_runtime.run(
-            ContainerSpec(
-                image=image,
-                labels={**test_labels, labels.OWNER: "someone-else"},
-                entrypoint=SLEEPS,
-            )
+            spec(image, {**test_labels, labels.OWNER: "someone-else"}, SLEEPS)
         )
         with pytest.raises(ContainerGone, match="does not exist"):
             await remote.listen_in_container(other.id, 15080)
@@ -99,13 +107,7 @@ async def test_the_node_hands_the_app_a_connection_inside_its_own_container_only
     async with EngineApi(docker_runtime, owner) as api, RemoteRuntime(socket_path) as remote:
         await api.open(app, socket_path, lambda: {image}, None)
         assert remote.namespace_connections is None
-        mine = await remote.run(
-            ContainerSpec(
-                image=image,
-                labels={labels.APP: app, labels.OWNER: owner, labels.CLASS: "Web"},
-                entrypoint=serves_inside,
-            )
-        )
+        mine = await remote.run(spec(image, {labels.APP: app, labels.OWNER: owner}, serves_inside))
         answer = b""
         for _ in range(100):  # until httpd listens
             try:
@@ -124,11 +126,7 @@ async def test_the_node_hands_the_app_a_connection_inside_its_own_container_only
             await remote.connect_in_container(mine.id, 9)
 
         other = await docker_runtime.run(
-            ContainerSpec(
-                image=image,
-                labels={**test_labels, labels.OWNER: "someone-else"},
-                entrypoint=serves_inside,
-            )
+            spec(image, {**test_labels, labels.OWNER: "someone-else"}, serves_inside)
         )
         with pytest.raises(ContainerGone, match="does not exist"):
             await remote.connect_in_container(other.id, 8080)
@@ -139,31 +137,19 @@ async def test_the_next_process_of_an_app_listens_beside_the_one_it_replaces(
 ) -> None:
     """A reload on a node: the new app process adopts the running container and opens its
     egress listener while the old process still holds its own, until it ends."""
-    container = await docker_runtime.run(
-        ContainerSpec(image=image, labels={**test_labels, labels.CLASS: "Web"}, entrypoint=SLEEPS)
-    )
+    container = await docker_runtime.run(spec(image, test_labels, SLEEPS))
     old = await docker_runtime.listen_in_container(container.id, 15080)
     try:
         new = await docker_runtime.listen_in_container(container.id, 15080)
     finally:
         old.close()  # the old process ends
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readline()
-        writer.write(b"served by the new process\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, sock=new)
-    try:
+    async with serving(new, b"served by the new process\n"):
         for _ in range(3):
             result = await docker_runtime.exec(
                 container.id, ["sh", "-c", "echo hi | nc -w 5 127.0.0.1 15080"]
             )
             assert (result.exit_code, result.stdout) == (0, b"served by the new process\n")
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_node_that_cannot_listen_serves_no_egress_socket(
