@@ -1,4 +1,9 @@
-"""The typed models of a wrangler config, with their validators (see config.py)."""
+"""The typed models of a wrangler config, with their validators (see config.py).
+
+Over 400 lines: it is every model of the wrangler config, each short, with the
+validators they share; config.py loads them, and splitting the models would split one
+schema.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ opens the object host and prepares the containers; ``handle(request)`` runs the
 worker; ``reload()`` re-imports the worker after an edit; ``stop()`` ends everything
 the app started. Its settings and its container engine are given to it, so the same
 ``App`` runs on one engine in dev and, later, on a node's supervisor API or a cluster.
+
+Over 400 lines: App wires config, worker, objects, bindings and containers for one
+application, and owns their start, reload and stop order; the helpers at the end serve
+only that.
 """
 
 from __future__ import annotations

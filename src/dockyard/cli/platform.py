@@ -4,6 +4,9 @@
 Server and token: `--server`, else DOCKYARD_SERVER, else the credentials `login` stored;
 DOCKYARD_TOKEN, else those credentials (see node/client.py). The deploy's steps are in
 deploy.py; the shared plumbing and the remote `containers` commands in remote.py.
+
+Over 400 lines: each node command is a short function over NodeClient and the same
+option types and printers; they are one group of the CLI tree.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ by {"started": true} once the node checked the call (and started the command):
 and either stream may end with {"error": {...}} instead. A stream cut before its last
 message means the node went away, which is `EngineUnavailable` (as is a socket that is
 missing or refuses connections): the caller retries, as with an engine outage.
+
+Over 400 lines: RemoteRuntime implements every protocol of runtime.py over the node's
+API, method by method, and shares the wire's decoding (error_body, the type adapters)
+with the node's side.
 """
 
 from __future__ import annotations

@@ -47,6 +47,10 @@ overridable per spec):
   engine creates the `dockremap` user and needs entries in /etc/subuid and /etc/subgid;
   images are stored separately per mapping, so they are rebuilt once).
   `engine_info().userns_remap` tells whether the engine runs with it.
+
+Over 400 lines: it is the engine seam: the data classes and every protocol a runtime may
+implement, each short; the module table at the top is the index. Splitting it would
+scatter the one interface a cluster backend must implement.
 """
 
 from __future__ import annotations

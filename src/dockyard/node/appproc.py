@@ -21,6 +21,11 @@ Signals: SIGTERM = finish requests, stop objects, leave containers running for t
 process to adopt; SIGINT = the same, but stop and remove the containers. A process that
 has not ended after its grace is killed. Everything else is asked on ``control.sock``,
 whose peer is checked to be the child itself (SO_PEERCRED), as an app owns its run folder.
+
+Over 400 lines: Launch, the child seen from the node (_Child: its pipes, reports,
+control socket) and AppProcesses (slots, restarts, reloads) share one lifecycle;
+platform_record and Launch could move out, and are kept here beside the only code that
+reads them.
 """
 
 from __future__ import annotations

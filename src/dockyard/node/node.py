@@ -11,6 +11,10 @@ interrupted rollouts resume; the router opens last, so no request meets a half-s
 node. Stop order is the reverse; containers are stopped (SIGTERM, SIGKILL after the
 grace period) by the app processes as they end. A SIGKILLed node leaves its containers
 running: the next start adopts them (by the node's owner label), never duplicates them.
+
+Over 400 lines: it is the assembly of the node: one class wiring the store, registry,
+engine API, app processes, router, watcher, meter and admin API, in start and stop
+order. Splitting it would split that order.
 """
 
 from __future__ import annotations

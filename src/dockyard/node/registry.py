@@ -12,6 +12,9 @@ a push racing the mark phase can lose blobs it references). `garbage_collect` th
 restarts the registry read-only for the sweep, so pulls keep working and pushes get
 ``UNSUPPORTED`` for its duration, and restarts it writable afterwards, which also drops
 anything the old process had cached about deleted blobs.
+
+Over 400 lines: one supervised process (start, health, restart, garbage collection, the
+proxy in front of it) with its helpers; the helpers are only used here.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ as Dockyard applies them:
 Progress is saved after every instance; ``resume_all`` continues every rollout a
 stopped node left running. A replacement that fails is retried with back-off; when it
 keeps failing the rollout is marked failed with a message safe to show (never a trace).
+
+Over 400 lines: the step plan (pure, tested alone) and the Rollouts runner share the
+records, the step arithmetic and the instance protocols; the plan could move to a module
+of its own, and is kept here beside the only code that runs it.
 """
 
 from __future__ import annotations

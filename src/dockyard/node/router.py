@@ -14,6 +14,10 @@ app serves that host. No app: 404. Then:
 
 Either way, an app whose socket does not accept (not started, restarting) gets the
 client a 503 with ``Retry-After: 1``.
+
+Over 400 lines: the Router and its _Client protocol share the connection states, the
+limits and the hand-off (a client moves from reading a head to spliced or handed over);
+they change together.
 """
 
 from __future__ import annotations

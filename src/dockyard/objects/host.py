@@ -8,6 +8,9 @@ next call with its storage intact.
 
 ``start()`` first applies the class migrations given as ``migrations`` (see
 ``objects.migrations``): before any object file or alarm index is opened.
+
+Over 400 lines: ObjectHost owns the cells, their creation, delivery, eviction and reset;
+those share the cell table and the input gates, and a split would pass the table around.
 """
 
 from __future__ import annotations

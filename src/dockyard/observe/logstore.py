@@ -25,6 +25,9 @@ Why it is shaped this way:
 - Retention deletes the oldest rows in chunks (short transactions, so the writer is
   never held up for long). Size is measured on the database pages in use, so pages freed
   by a prune count as free and the file stops growing at about ``max_bytes``.
+
+Over 400 lines: one SQLite store: the writer, the readers for queries and tails,
+retention and statistics share the connection and the schema.
 """
 
 from __future__ import annotations

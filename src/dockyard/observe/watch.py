@@ -22,6 +22,10 @@ of its follow API (observe/logfile.py), as `LogBatch` es: far cheaper for the en
 for the node, exact across restarts (the store keeps each file's position with its
 lines, `positions`), and unaffected by engine outages. The cursor above then serves only
 containers whose file cannot be read.
+
+Over 400 lines: one watcher: per-container cursors, the log follow and the event stream
+share the set of followed containers and their cursors, which must stay consistent
+across engine outages.
 """
 
 from __future__ import annotations
