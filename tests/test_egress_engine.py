@@ -6,6 +6,7 @@ through ``ContainerSettings.egress_hosts`` (as curl --resolve)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -253,7 +254,7 @@ async def lab(
         await app.stop()
         for info in await docker_runtime.list({"dockyard.app": name}):
             await docker_runtime.remove(info.id)
-        await remove_labelled_images(f"dockyard.app={name}")
+        await asyncio.to_thread(remove_labelled_images, f"dockyard.app={name}")
 
 
 async def test_allowed_hosts_reach_the_origin_and_others_get_520(lab: Lab) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.devserver import DevServer
+from tests.support.engine import remove_labelled_images
 from tests.support.projects import IMAGES, Project
 
 # Routes of the worker:
@@ -253,12 +254,7 @@ def remove_app(app: str) -> None:
     containers = docker("ps", "-aq", "--filter", f"label=dockyard.app={app}").split()
     if containers:
         docker("rm", "-f", *containers)
-    # A layer at a time, never pruning unlabelled parents: see remove_labelled_images.
-    for _ in range(16):
-        images = docker("image", "ls", "-q", "--filter", f"label=dockyard.app={app}").split()
-        if not images:
-            return
-        docker("image", "rm", "-f", "--no-prune", *sorted(set(images)))
+    remove_labelled_images(f"dockyard.app={app}")
 
 
 def make_api_project(

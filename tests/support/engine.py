@@ -68,19 +68,27 @@ async def test_labels(docker_runtime: DockerRuntime) -> AsyncIterator[dict[str, 
     # Images built by a test carry the same labels; remove them too (by label, never
     # by name), so reruns start clean.
     label_filter = ",".join(f"{key}={value}" for key, value in labels.items())
-    await remove_labelled_images(label_filter)
+    await asyncio.to_thread(remove_labelled_images, label_filter)
 
 
-async def remove_labelled_images(label_filter: str) -> None:
+def remove_labelled_images(label_filter: str) -> None:
     """Every image with the label (``key=value``), a layer at a time from the top, never
     pruning an unlabelled parent: that is a build-cache layer (a Dockerfile's steps come
     before the build's own LABEL), which another test's build in another worker may be
-    using at this moment. Pruned, it fails that build ("failed to get digest ...")."""
+    using at this moment. Pruned, it fails that build ("failed to get digest ...").
+    Blocking (it runs the docker CLI): from a coroutine, run it in a thread."""
+
+    def docker(*args: str) -> str:
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} failed: {done.stderr}")
+        return done.stdout
+
     for _ in range(16):
-        found = (await docker_cli("image", "ls", "-q", "--filter", f"label={label_filter}")).split()
+        found = docker("image", "ls", "-q", "--filter", f"label={label_filter}").split()
         if not found:
             return
-        await docker_cli("image", "rm", "-f", "--no-prune", *set(found))
+        docker("image", "rm", "-f", "--no-prune", *sorted(set(found)))
 
 
 async def docker_cli(*args: str) -> str:

@@ -263,7 +263,7 @@ class UpstreamPool:
         connect_inside: ConnectInside | None = None,
     ) -> None:
         self.max_idle_per_port = max_idle_per_port
-        self._connect_in_container = connect_inside
+        self._connector = connect_inside
         self._idle: dict[Target, list[_Connection]] = {}
         self._all: set[_Connection] = set()
         # Namespace targets whose connection failed: reached at their host port since.
@@ -310,12 +310,8 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 sock = None
-                if (
-                    isinstance(target, InNamespace)
-                    and self._connect_in_container is not None
-                    and target not in self._published_only
-                ):
-                    sock = await self._connect_inside(self._connect_in_container, target)
+                if isinstance(target, InNamespace) and target not in self._published_only:
+                    sock = await self._connect_inside(target)
                 if sock is not None:
                     transport, connection = await _adopt(
                         loop, sock, lambda: _Connection(self, target)
@@ -337,13 +333,13 @@ class UpstreamPool:
         self._all.add(connection)
         return connection
 
-    async def _connect_inside(
-        self, connect: ConnectInside, target: InNamespace
-    ) -> socket.socket | None:
-        """A socket connected inside the container's namespace, or None (after which the
-        target is reached at its published port)."""
+    async def _connect_inside(self, target: InNamespace) -> socket.socket | None:
+        """A socket connected inside the container's namespace, or None (no connector, or
+        it failed: the target is then reached at its published port)."""
+        if self._connector is None:
+            return None
         try:
-            return await connect(target.container_id, target.port, pid=target.pid)
+            return await self._connector(target.container_id, target.port, pid=target.pid)
         except (OSError, ContainerError) as exc:
             # A server listening on the container's external address only, a container
             # that is being replaced, or no right to enter: the published port still works.

@@ -336,22 +336,22 @@ class _AppEngine:
             )
         return info
 
-    async def listen_in_container(self, container_id: str, port: int) -> socket.socket:
-        """A listening socket inside one of this app's running containers (egress)."""
-        args = _Target(container_id=container_id)
+    async def _own_port(self, container_id: str, port: int, action: str) -> ContainerInfo:
+        """The app's own container, for a socket on ``port`` inside it."""
         if not 1 <= port <= 65535:
             raise ContainerError(f"port {port} is not a TCP port")
-        info = await self._own(args, "listen in a container")
+        return await self._own(_Target(container_id=container_id), action)
+
+    async def listen_in_container(self, container_id: str, port: int) -> socket.socket:
+        """A listening socket inside one of this app's running containers (egress)."""
+        info = await self._own_port(container_id, port, "listen in a container")
         assert isinstance(self.runtime, EgressListeners)
         return await self.runtime.listen_in_container(info.id, port)
 
     async def connect_in_container(self, container_id: str, port: int) -> socket.socket:
         """A connection to a port on the loopback of one of this app's running containers
         (the request path, past the engine's userland proxy)."""
-        args = _Target(container_id=container_id)
-        if not 1 <= port <= 65535:
-            raise ContainerError(f"port {port} is not a TCP port")
-        info = await self._own(args, "connect in a container")
+        info = await self._own_port(container_id, port, "connect in a container")
         assert isinstance(self.runtime, NamespaceConnections)
         try:
             return await self.runtime.connect_in_container(info.id, port, pid=info.pid)
