@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import textwrap
@@ -12,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from dockyard._limits import YOUNG_COLLECTION_THRESHOLD
 from tests.support.devserver import DevServer
 
 MODULE_WORKER = """
@@ -181,3 +183,48 @@ async def test_a_second_dev_on_the_same_project_is_refused(tmp_path: Path) -> No
         assert second.stop() == 1
         assert "is in use by dockyard dev (pid" in second.output
         assert (await get(first.url + "/"))[1] == "module form says hi"
+
+
+HEAP_WORKER = """
+import builtins
+import gc
+import weakref
+
+from dockyard import Response
+
+ANSWER = "first"
+
+
+class Ring:
+    # A cycle only the collector frees, made at import: a reload must not keep it forever.
+    def __init__(self):
+        self.me = self
+
+
+RING = Ring()
+builtins.__dict__.setdefault("dockyard_test_rings", []).append(weakref.ref(RING))
+
+
+async def fetch(request, env, ctx):
+    alive = sum(ring() is not None for ring in builtins.dockyard_test_rings)
+    return Response.json({"answer": ANSWER, "young": gc.get_threshold()[0],
+                          "frozen": gc.get_freeze_count(), "rings": alive})
+"""
+
+
+async def test_dev_keeps_its_loaded_heap_out_of_collections_but_not_past_a_reload(
+    tmp_path: Path,
+) -> None:
+    project = make_project(tmp_path, HEAP_WORKER)
+    with DevServer(project) as server:
+        status, body = await get(server.url + "/")
+        heap = json.loads(body)
+        assert status == 200 and heap["young"] == YOUNG_COLLECTION_THRESHOLD
+        assert heap["frozen"] > 10_000 and heap["rings"] == 1
+        main = project / "src" / "main.py"
+        main.write_text(main.read_text().replace('"first"', '"second"'))
+        server.wait_for("Reloaded the worker")
+        heap = json.loads((await get(server.url + "/"))[1])
+        # The first module (and its ring) is unreachable and was frozen: the reload
+        # unfroze and collected it, then froze what the second one loaded.
+        assert heap["answer"] == "second" and heap["rings"] == 1, heap

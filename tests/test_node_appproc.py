@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dockyard._limits import YOUNG_COLLECTION_THRESHOLD
 from dockyard.containers import labels
 from dockyard.containers.docker import DockerRuntime
 from dockyard.errors import DockyardError
@@ -32,13 +33,26 @@ from tests.support.engine import docker_cli, wait_until
 
 WORKER = """
 import asyncio
+import builtins
+import gc
 import os
 import time
+import weakref
 from pathlib import Path
 
 from dockyard import DurableObject, Response
 
 VERSION = {version!r}
+
+
+class Ring:
+    # A cycle only the collector frees, made at import: a reload must not keep it forever.
+    def __init__(self):
+        self.me = self
+
+
+RING = Ring()
+builtins.__dict__.setdefault("dockyard_test_rings", []).append(weakref.ref(RING))
 
 
 class Counter(DurableObject):
@@ -83,6 +97,10 @@ async def fetch(request, env, ctx):
         return Response.json({{"uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid(),
                               "umask": oct(os.umask(0o077)), "cwd": os.getcwd(),
                               "env": sorted(os.environ), "token": len(env.TOKEN)}})
+    if path == "/heap":
+        alive = sum(ring() is not None for ring in builtins.dockyard_test_rings)
+        return Response.json({{"young": gc.get_threshold()[0], "frozen": gc.get_freeze_count(),
+                              "rings": alive}})
     if path == "/probe":
         import socket
 
@@ -353,6 +371,21 @@ async def test_reload_in_place_changes_the_answer_and_fails_no_request(
     assert {status for status, _ in results} == {200}, [r for r in results if r[0] != 200][:3]
     assert results[-1] == (200, "bonjour v2")
     assert {body for _, body in results} == {"hello v1", "bonjour v2"}
+
+
+async def test_the_app_process_keeps_its_loaded_heap_out_of_collections_but_not_past_a_reload(
+    base: Path, processes: AppProcesses
+) -> None:
+    await processes.ensure(make_launch(base, "heap", make_bundle(base, "heap", "v1")))
+    status, body = await fetch(processes.endpoint("heap"), "/heap")
+    heap = json.loads(body)
+    assert status == 200 and heap["young"] == YOUNG_COLLECTION_THRESHOLD
+    assert heap["frozen"] > 10_000 and heap["rings"] == 1
+    await processes.ensure(make_launch(base, "heap", make_bundle(base, "heap", "v2"), version=2))
+    # v1's module (and its ring) is unreachable now, and frozen: the reload unfroze and
+    # collected it, then froze what v2 loaded.
+    status, body = await fetch(processes.endpoint("heap"), "/heap")
+    assert status == 200 and json.loads(body)["rings"] == 1, body
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """CPU per warm request, layer by layer: where each microsecond of a request goes.
 
-``python -m bench.scenarios.layers [--requests N] [--connections C] [--rounds R]``
+``python -m bench.scenarios.layers [--requests N] [--connections C] [--rounds R] [--unsettled]``
 
 Everything runs in this one process and no client socket is involved: each client
 connection is a transport of this module's own, fed straight into the gateway's protocol
@@ -17,19 +17,26 @@ Dockyard's own work plus the last hop's system calls. Each row adds one layer:
                         the answer: the floor of the last hop in Python
 
 CPU time is the process's (user and kernel, from getrusage), per request, the median
-of the rounds. The App has a state folder of its own, so its containers carry an owner
-label of their own; they are stopped with it and any left are removed by that label.
+of the rounds; "collector" is the part of it spent in garbage collections (timed by a
+``gc`` callback). The heap is settled after the App starts, as ``dockyard dev`` and the
+app processes of ``dockyard serve`` do (``dockyard._limits.settle_heap``); ``--unsettled``
+leaves CPython's defaults, to compare.
+
+The App has a state folder of its own, so its containers carry an owner label of their
+own; they are stopped with it and any left are removed by that label.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import resource
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +46,7 @@ from typing import Any
 import uvloop
 
 import dockyard.containers.container as container_module
+from dockyard._limits import settle_heap
 from dockyard.app import App
 from dockyard.containers import labels
 from dockyard.containers.docker import DockerRuntime
@@ -70,6 +78,7 @@ class Cost:
 
     user: float
     system: float
+    collector: float = 0.0
 
     @property
     def total(self) -> float:
@@ -173,12 +182,25 @@ async def _start(clients: list[_Client], load: _Load) -> None:
 
 
 async def _measure(work: Callable[[], Awaitable[None]], requests: int) -> Cost:
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    await work()
-    after = resource.getrusage(resource.RUSAGE_SELF)
+    collecting = [0.0, 0.0]  # seconds in collections, when the running one started
+
+    def timed(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            collecting[1] = time.perf_counter()
+        else:
+            collecting[0] += time.perf_counter() - collecting[1]
+
+    gc.callbacks.append(timed)
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        await work()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        gc.callbacks.remove(timed)
     return Cost(
         (after.ru_utime - before.ru_utime) / requests * 1e6,
         (after.ru_stime - before.ru_stime) / requests * 1e6,
+        collecting[0] / requests * 1e6,
     )
 
 
@@ -276,7 +298,7 @@ async def warm_container(runtime: DockerRuntime, owner: str) -> ContainerInfo:
     return found[0]
 
 
-async def main(requests: int, connections: int, rounds: int) -> int:
+async def main(requests: int, connections: int, rounds: int, settled: bool = True) -> int:
     machine = describe_machine()
     print(json.dumps({"machine": machine, "load average": load_average()}, indent=1))
     state = Path(tempfile.mkdtemp(prefix="dockyard-layers-"))
@@ -285,6 +307,8 @@ async def main(requests: int, connections: int, rounds: int) -> int:
     rows: dict[str, list[Cost]] = {}
     try:
         await app.start()
+        if settled:
+            settle_heap()
         gateway = Gateway(app.handle)
 
         async def fixed(request: Request) -> Response:
@@ -317,7 +341,8 @@ async def main(requests: int, connections: int, rounds: int) -> int:
                 rows.setdefault(name, []).append(cost)
                 print(
                     f"round {round_number + 1}  {name:<18} {cost.total:7.1f} µs "
-                    f"(user {cost.user:6.1f}, kernel {cost.system:5.1f})",
+                    f"(user {cost.user:6.1f}, kernel {cost.system:5.1f}, "
+                    f"collector {cost.collector:5.1f})",
                     flush=True,
                 )
     finally:
@@ -329,17 +354,21 @@ async def main(requests: int, connections: int, rounds: int) -> int:
     print(
         f"\nCPU per request, median of {rounds} rounds ({requests:,} requests, "
         f"{connections} connections; CPU {machine.get('CPU model', '?')}; "
-        f"the container reached on {where}):\n"
+        f"the container reached on {where}; heap {'settled' if settled else 'unsettled'}):\n"
     )
-    print("| layer | µs per request | user | kernel | added by the layer |")
-    print("|---|---|---|---|---|")
+    print("| layer | µs per request | user | kernel | collector | added by the layer |")
+    print("|---|---|---|---|---|---|")
     medians = {name: statistics.median(c.total for c in costs) for name, costs in rows.items()}
     for name, costs in rows.items():
         user = statistics.median(c.user for c in costs)
         system = statistics.median(c.system for c in costs)
+        collector = statistics.median(c.collector for c in costs)
         below = BELOW.get(name)
         added = f"{medians[name] - medians[below]:+.1f} over {below}" if below else ""
-        print(f"| {name} | {medians[name]:.1f} | {user:.1f} | {system:.1f} | {added} |")
+        print(
+            f"| {name} | {medians[name]:.1f} | {user:.1f} | {system:.1f} | {collector:.1f} "
+            f"| {added} |"
+        )
     return 0
 
 
@@ -353,5 +382,8 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--unsettled", action="store_true", help="CPython's collector defaults, to compare"
+    )
     args = parser.parse_args()
-    sys.exit(uvloop.run(main(args.requests, args.connections, args.rounds)))
+    sys.exit(uvloop.run(main(args.requests, args.connections, args.rounds, not args.unsettled)))

@@ -13,7 +13,7 @@ from aiohttp import web
 from rich.console import Console
 from rich.logging import RichHandler
 
-from .._limits import raise_open_file_limit
+from .._limits import raise_open_file_limit, settle_heap
 from ..app import App
 from ..gateway.server import Gateway
 from ..observe.local import LocalObservation
@@ -109,6 +109,7 @@ async def _serve(
             limits=app.settings.gateway,
         )
         bound = await gateway.start()
+        settle_heap()
         panel: web.AppRunner | None = None
         try:
             if dashboard is not None:
@@ -193,4 +194,5 @@ async def _watch(app: App, stop: asyncio.Event) -> None:
     ):
         names = ", ".join(sorted({Path(path).name for _, path in changes}))
         if app.reload():
+            settle_heap()
             log.info("Reloaded the worker after a change to %s", names)

@@ -40,7 +40,7 @@ from typing import IO, Any
 
 from aiohttp import web
 
-from .._limits import raise_open_file_limit
+from .._limits import raise_open_file_limit, settle_heap
 from ..app import App
 from ..containers.remote import RemoteRuntime
 from ..errors import DockyardError
@@ -146,6 +146,7 @@ class Child:
             if not await self._wait_state_lock(app.state_dir):
                 return 0
             await app.start()
+            settle_heap()
             self.started.set()
             self.reports.event("ready")
             await self.stopping.wait()
@@ -276,6 +277,7 @@ class Child:
             secrets=launch.secrets,
         )
         if reloaded:
+            settle_heap()
             self.launch = launch
             if app.containers is not None:
                 app.containers.deploy_version = launch.version
