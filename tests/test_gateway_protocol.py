@@ -190,3 +190,33 @@ async def test_a_client_too_slow_to_send_its_headers_gets_408() -> None:
         ] == b"HTTP/1.1 200 OK"
     finally:
         await gateway.stop()
+
+
+async def test_a_kept_alive_connection_closes_one_keep_alive_timeout_after_its_last_answer() -> (
+    None
+):
+    gateway = Gateway(dispatch, port=0, limits=GatewayLimits(keep_alive_timeout=1.0))
+    port = await gateway.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        loop = asyncio.get_running_loop()
+        # Requests every quarter of the timeout for longer than it: the timer armed at
+        # connection fires in between, while the connection has been idle briefly.
+        last = loop.time()
+        for n in range(6):
+            writer.write(f"GET /{n} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            ended, last = last, loop.time()
+            assert last - ended < 0.9, "the machine stalled longer than the keep-alive timeout"
+            await asyncio.sleep(0.25)
+        writer.write(b"GET /last HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"GET http://a/last"), 5)
+        last = loop.time()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the gateway
+        # (10 ms: the engine's timers have millisecond resolution)
+        assert loop.time() - last >= 1.0 - 0.01
+        writer.close()
+    finally:
+        await gateway.stop()

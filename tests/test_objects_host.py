@@ -366,3 +366,36 @@ async def test_stop_closes_instances_and_refuses_calls(tmp_path: Path) -> None:
     await host.stop()
     assert Pinned.closed == ["a"]
     assert host.live_count() == 0
+
+
+class Stamped(DurableObject):
+    closes: list[float] = []
+
+    async def ping(self) -> None:
+        pass
+
+    async def _dockyard_close(self) -> None:
+        Stamped.closes.append(time.monotonic())
+
+
+async def test_calls_within_the_idle_timeout_keep_an_object_and_the_last_one_times_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Stamped, "closes", [])
+    async with ObjectHost(tmp_path, app="t", idle_timeout=1.0) as host:
+        host.set_class("Stamped", Stamped)
+        stub = host.namespace("Stamped").get_by_name("s")
+        last = time.monotonic()
+        # Calls every quarter of the timeout for longer than the timeout: the timer armed
+        # after the first call fires in between, while the object has been idle briefly.
+        for _ in range(6):
+            await stub.ping()
+            ended, last = last, time.monotonic()
+            assert last - ended < 0.9, "the machine stalled longer than the idle timeout"
+            await asyncio.sleep(0.25)
+        assert Stamped.closes == [] and host.live_count() == 1
+        await stub.ping()
+        last = time.monotonic()
+        await wait_for(lambda: Stamped.closes != [], what="eviction", within=10)
+        # (10 ms: the engine's timers have millisecond resolution)
+        assert Stamped.closes[0] - last >= 1.0 - 0.01

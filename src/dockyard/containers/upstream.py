@@ -85,6 +85,9 @@ class _Connection(WriteFlow, asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, target: Target) -> None:
         self.pool = pool
         self.target = target
+        # Made inside the pool's connect: kept, as asyncio.get_running_loop() costs a
+        # getpid system call on each use (CPython's check for a fork).
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -361,7 +364,7 @@ class UpstreamPool:
         response = UpstreamResponse(connection)
         connection._response = response
         connection.head_request = head.startswith(b"HEAD ")
-        ready = connection._headers_ready = asyncio.get_running_loop().create_future()
+        ready = connection._headers_ready = connection.loop.create_future()
         try:
             if body is None or isinstance(body, bytes):
                 transport.write(head + body if body else head)

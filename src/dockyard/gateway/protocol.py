@@ -131,7 +131,13 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         self._discard = False
         self._body_left: int | None = None
         self._pending_upgrade: bytes | None = None
+        # The head's and the lingering close's timer.
         self._timer: asyncio.TimerHandle | None = None
+        # The keep-alive timer is lazy: a request does not cancel it, the end of an
+        # answer moves _idle_since, and the timer arms itself again when it fires early.
+        # One timer per idle period, not a cancel and a new one per request.
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
         self._good_host = ""
 
     @property
@@ -541,16 +547,19 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
 
     def _arm_idle_timer(self) -> None:
         if not self._closed and not self._in_head:  # (a head's own timer is running)
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_later(
-                self._limits.keep_alive_timeout, self._close_if_idle
-            )
+            self._idle_since = now = self._loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = self._loop.call_at(
+                    now + self._limits.keep_alive_timeout, self._close_if_idle
+                )
 
     def _cancel_timers(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
@@ -584,12 +593,17 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             self.close()
 
     def _close_if_idle(self) -> None:
-        self._timer = None
-        if self.idle:
-            if self.transport is not None and self.transport.get_write_buffer_size():
-                self._abort()
-            else:
-                self.close()
+        self._idle_timer = None
+        if self._closed or self._in_head or not self.idle:
+            return  # the end of the next answer arms it again
+        due = self._idle_since + self._limits.keep_alive_timeout
+        if self._loop.time() < due:  # requests came and went since it was armed
+            self._idle_timer = self._loop.call_at(due, self._close_if_idle)
+            return
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            self._abort()
+        else:
+            self.close()
 
     def _reject(self) -> None:
         """Answer a malformed, over-limit or too slow request (after those before it)."""

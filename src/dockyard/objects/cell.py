@@ -56,6 +56,7 @@ class Cell:
         self.reset_error: ObjectReset | None = None
         self.dropped = asyncio.Event()
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # (loop time) when the last call ended; see ObjectHost
 
     def __repr__(self) -> str:
         return f"<{self.class_name} {self.id.name or self.id.hex[:12]}>"

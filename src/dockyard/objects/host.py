@@ -88,6 +88,9 @@ class ObjectHost:
         self._drained = asyncio.Event()
         self._drained.set()
         self._running = False
+        # Set by start(): asked once, as asyncio.get_running_loop() costs a getpid system
+        # call on each use (CPython's check for a fork).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.alarms = AlarmScheduler(self._objects_dir, self._deliver_alarm, self._is_bound)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -102,6 +105,7 @@ class ObjectHost:
             for class_name, ids in self._ids.items():
                 ids.rekey(self._id_keys.get(class_name))
         await self.alarms.start()
+        self._loop = asyncio.get_running_loop()
         self._running = True
 
     async def stop(self) -> None:
@@ -263,7 +267,7 @@ class ObjectHost:
         invoke: Callable[[Cell, DurableObject], Awaitable[T]],
     ) -> T:
         self._check_running()
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         assert task is not None
         key = (class_name, object_id.hex)
         while True:
@@ -331,17 +335,20 @@ class ObjectHost:
             cell.blockers -= 1
             cell.release_next()
 
+    # The idle timer is lazy: a call does not cancel it, its end moves ``idle_since``, and
+    # the timer, when it fires early or during a call, arms itself again as needed. One
+    # timer per idle period, not a cancel and a new one per call.
+
     def _call_started(self, cell: Cell) -> None:
         self._in_flight += 1
         self._drained.clear()
-        if cell.idle_handle is not None:
-            cell.idle_handle.cancel()
-            cell.idle_handle = None
 
     def _call_finished(self, cell: Cell) -> None:
         self._in_flight -= 1
         if not self._in_flight:
             self._drained.set()
+        if self._loop is not None:
+            cell.idle_since = self._loop.time()
         self._consider(cell)
 
     def _consider(self, cell: Cell) -> None:
@@ -355,12 +362,22 @@ class ObjectHost:
         if cell.busy or not self._running:
             return
         if cell.idle_handle is None:
-            loop = asyncio.get_running_loop()
-            cell.idle_handle = loop.call_later(self.idle_timeout, self._idle_expired, cell)
+            loop = self._loop
+            assert loop is not None  # (running)
+            cell.idle_since = loop.time()
+            cell.idle_handle = loop.call_at(
+                cell.idle_since + self.idle_timeout, self._idle_expired, cell
+            )
 
     def _idle_expired(self, cell: Cell) -> None:
         cell.idle_handle = None
         if cell.dead or cell.busy:
+            return  # the end of what keeps it busy considers it again
+        loop = self._loop
+        assert loop is not None
+        due = cell.idle_since + self.idle_timeout
+        if loop.time() < due:  # a call came and went since the timer was armed
+            cell.idle_handle = loop.call_at(due, self._idle_expired, cell)
             return
         assert cell.instance is not None
         if cell.instance._dockyard_keep_alive():
