@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
+from ..engine import Engine
 from ..machine import describe_machine, load_average
 from ..processes import DevServer, Nginx
 from ..wrk import run_wrk
@@ -35,7 +36,6 @@ from . import app_labels, dev_owner
 
 APP = Path(__file__).resolve().parents[1] / "app"
 OBJECT = "cpu-split"
-LABEL = "dockyard.object_name"
 TICK = os.sysconf("SC_CLK_TCK")
 PARTIES = ["dockyard", "nginx", "docker-proxy", "container", "wrk", "machine"]
 
@@ -143,8 +143,16 @@ async def main(connections: int, seconds: int, rounds: int) -> int:
             async with session.get(f"{url}/web/{OBJECT}") as response:
                 if response.status != 200:
                     raise RuntimeError(f"the warm object answered {response.status}")
-        container_id = await _container_of({**app_labels(dev_owner(APP)), LABEL: OBJECT})
-        port = await _published_port(container_id)
+        engine = Engine()
+        try:
+            labels = {**app_labels(dev_owner(APP)), "dockyard.object_name": OBJECT}
+            found = await engine.containers(labels)
+            if len(found) != 1:
+                raise RuntimeError(f"expected one container for {OBJECT!r}, found {len(found)}")
+            container_id = found[0]["Id"]
+            port = await engine.host_port(container_id)
+        finally:
+            await engine.aclose()
         nginx = Nginx(port, workdir / "nginx")
         nginx_port = await nginx.start()
         assert nginx.proc is not None
@@ -186,29 +194,6 @@ async def main(connections: int, seconds: int, rounds: int) -> int:
             + f" | {busy:.0%} |"
         )
     return 0
-
-
-async def _docker(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "docker", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"docker {' '.join(args)}: {err.decode(errors='replace').strip()}")
-    return out.decode()
-
-
-async def _container_of(labels: dict[str, str]) -> str:
-    """The one running container with these labels (this dev's, not another bench's)."""
-    filters = [arg for key, value in labels.items() for arg in ("--filter", f"label={key}={value}")]
-    found = (await _docker("ps", "-q", "--no-trunc", *filters)).split()
-    if len(found) != 1:
-        raise RuntimeError(f"expected one container labelled {labels}, found {len(found)}")
-    return found[0]
-
-
-async def _published_port(container_id: str) -> int:
-    return int((await _docker("port", container_id, "8080")).split()[0].rsplit(":", 1)[1])
 
 
 if __name__ == "__main__":
