@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.devserver import DevServer
-from tests.support.engine import remove_labelled_images
+from tests.support.engine import docker, remove_labelled_images
 from tests.support.projects import IMAGES, Project
 
 # Routes of the worker:
@@ -206,15 +206,6 @@ CLASSES = (
     "Renewed",
     "Logger",
 )
-
-
-def docker(*args: str, stdin: str | None = None) -> str:
-    result = subprocess.run(
-        ["docker", *args], input=stdin, capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr}")
-    return result.stdout
 
 
 def build_api_images(token: str) -> tuple[str, str]:

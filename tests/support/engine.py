@@ -71,19 +71,20 @@ async def test_labels(docker_runtime: DockerRuntime) -> AsyncIterator[dict[str, 
     await asyncio.to_thread(remove_labelled_images, label_filter)
 
 
+def docker(*args: str, stdin: str | None = None) -> str:
+    """Run the docker CLI and wait (blocking: for sync helpers and threads); its output."""
+    done = subprocess.run(["docker", *args], input=stdin, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {done.stderr}")
+    return done.stdout
+
+
 def remove_labelled_images(label_filter: str) -> None:
     """Every image with the label (``key=value``), a layer at a time from the top, never
     pruning an unlabelled parent: that is a build-cache layer (a Dockerfile's steps come
     before the build's own LABEL), which another test's build in another worker may be
     using at this moment. Pruned, it fails that build ("failed to get digest ...").
     Blocking (it runs the docker CLI): from a coroutine, run it in a thread."""
-
-    def docker(*args: str) -> str:
-        done = subprocess.run(["docker", *args], capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} failed: {done.stderr}")
-        return done.stdout
-
     for _ in range(16):
         found = docker("image", "ls", "-q", "--filter", f"label={label_filter}").split()
         if not found:
