@@ -36,6 +36,13 @@ async def dispatch(request: Request) -> Response:
         return Response("did not read it")
     if request.path == "/stream":
         return Response(Endless())
+    if request.path == "/chunks":
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for part in (b"alpha-", b"beta-", b"gamma"):
+                yield part
+
+        return Response(chunks())
     if request.path == "/ws":
         client, server = WebSocketPair()
         server.accept()
@@ -86,6 +93,73 @@ async def test_pipelined_requests_are_answered_in_order(port: int) -> None:
     assert b"Connection: close" in data
 
 
+async def test_answers_kept_for_the_end_of_the_pass_stay_in_order_with_every_other_write(
+    port: int,
+) -> None:
+    # Small answers are written at the end of the event loop's pass; a streamed answer
+    # and the final 400 are written at once. Neither may overtake an answer still
+    # waiting for its pass to end.
+    raw = (
+        b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /chunks HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /two HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"NOT HTTP AT ALL\r\n\r\n"
+    )
+    data = await exchange(port, raw)
+    marks = [
+        b"GET http://a/one",
+        b"alpha-",
+        b"gamma\r\n0\r\n\r\n",
+        b"GET http://a/two",
+        b"HTTP/1.1 400 Bad Request",
+    ]
+    places = [data.find(mark) for mark in marks]
+    assert -1 not in places, data
+    assert places == sorted(places), data
+
+
+class _Recorded:
+    """A client socket standing in for the real one: it records what is written."""
+
+    def __init__(self, log: list[bytes]) -> None:
+        self.log = log
+
+    def write(self, data: bytes) -> None:
+        self.log.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def test_answers_made_in_one_pass_of_the_loop_are_written_together_at_its_end() -> None:
+    # Written one by one, each answer woke its client while the others were still being
+    # made; together, a burst of requests wakes each peer once (SendBatch).
+    written: list[bytes] = []
+    seen_when_answering: list[int] = []
+
+    async def answer(request: Request) -> Response:
+        seen_when_answering.append(len(written))
+        return Response("ok\n")
+
+    gateway = Gateway(answer, port=0)
+    protocols = [gateway.protocol() for _ in range(8)]
+    for protocol in protocols:
+        protocol.connection_made(_Recorded(written))  # type: ignore[arg-type]
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert seen_when_answering == [0] * 8
+    assert len(written) == 8 and all(w.endswith(b"\r\n\r\nok\n") for w in written)
+    for protocol in protocols:
+        protocol.connection_lost(None)
+
+
 async def test_http_1_0_closes_and_chunked_upload_is_read(port: int) -> None:
     data = await exchange(port, b"GET /x HTTP/1.0\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in data
@@ -97,19 +171,26 @@ async def test_http_1_0_closes_and_chunked_upload_is_read(port: int) -> None:
     assert data.endswith(b"abcde") and b"Content-Length: 5" in data
 
 
-async def test_expect_continue_gets_an_interim_answer(port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
-    )
-    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (
-        b"HTTP/1.1 100 Continue\r\n\r\n"
-    )
-    writer.write(b"abc")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    assert head.startswith(b"HTTP/1.1 200 OK")
-    assert await reader.readexactly(3) == b"abc"
-    writer.close()
+async def test_expect_continue_gets_an_interim_answer_in_its_turn(port: int) -> None:
+    post = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    for before in (b"", b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(before + post)
+        if before:
+            # The interim answer belongs to the second request: sent before the answer
+            # to the first, the client would take it for the first one's.
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 OK")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            assert (await reader.readexactly(length)).startswith(b"GET http://a/one")
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+        )
+        writer.write(b"abc")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert await reader.readexactly(3) == b"abc"
+        writer.close()
 
 
 async def test_malformed_requests_get_400_and_hosts_cannot_rewrite_paths(port: int) -> None:

@@ -60,6 +60,35 @@ async def test_keep_alive_reuses_one_connection_and_bodies_round_trip() -> None:
         await runner.cleanup()
 
 
+async def test_a_request_cancelled_in_the_pass_it_was_made_in_never_reaches_the_container() -> None:
+    # Requests are written at the end of the event loop's pass, with the others made in
+    # it (SendBatch); one whose caller is cancelled before then is dropped unsent.
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(text="ok")
+
+    runner = await serve(record)
+    pool = UpstreamPool()
+    try:
+        warm = await pool.request(port_of(runner), "GET", "/warm", [("Host", "container")])
+        assert await warm.read() == b"ok"  # the next request reuses this connection
+        made = asyncio.create_task(
+            pool.request(port_of(runner), "GET", "/cancelled", [("Host", "container")])
+        )
+        await asyncio.sleep(0)  # the request is made and kept for the end of the pass
+        made.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await made
+        after = await pool.request(port_of(runner), "GET", "/after", [("Host", "container")])
+        assert await after.read() == b"ok"
+        assert seen == ["/warm", "/after"]
+    finally:
+        pool.close()
+        await runner.cleanup()
+
+
 async def test_streamed_request_bodies_are_chunked_unless_their_length_is_known() -> None:
     runner = await serve(echo)
     pool = UpstreamPool()

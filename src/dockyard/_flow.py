@@ -10,11 +10,51 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Protocol
 
 __all__ = ["ChunkBuffer", "WriteFlow"]
 
 HIGH_WATER = 1 << 20
 LOW_WATER = 256 << 10
+
+
+# Sends larger than this are written at once: batching them saves nothing worth a copy.
+BATCHED_MAX = 64 << 10
+
+
+class Batched(Protocol):
+    def send_unsent(self) -> None: ...
+
+
+class SendBatch:
+    """Sends made during one pass of the event loop, written together at its end.
+
+    A send to a peer that waits for it wakes the peer, and on a virtual machine a wake-up
+    is dear (an interrupt to another CPU, an exit to the hypervisor). Writing each answer
+    as soon as it is made woke the container, and wrk, once per request; written together
+    at the end of the pass, a burst of requests wakes each peer once. At 64 connections
+    this cut Dockyard's CPU per warm request by about a fifth (README, "Performance").
+
+    A sender keeps its unsent bytes itself and sends them in ``send_unsent()``, which it
+    also calls before any other write or close of its transport, so order is kept.
+    """
+
+    __slots__ = ("_loop", "_waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: list[Batched] = []
+
+    def add(self, sender: Batched) -> None:
+        """``sender.send_unsent()`` runs at the end of this pass of the loop."""
+        if not self._waiting:
+            self._loop.call_soon(self._send)
+        self._waiting.append(sender)
+
+    def _send(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for sender in waiting:
+            sender.send_unsent()
 
 
 class WriteFlow:

@@ -35,7 +35,7 @@ from typing import cast
 
 import httptools
 
-from .._flow import ChunkBuffer, WriteFlow
+from .._flow import BATCHED_MAX, ChunkBuffer, SendBatch, WriteFlow
 from ..errors import ContainerError, InvalidHeader
 from ..http import GOOD_HEADER_NAMES, check_header_name, encode_header_block
 
@@ -98,6 +98,8 @@ class _Connection(WriteFlow, asyncio.Protocol):
         self._informational = False
         # Set while a HEAD request is out: its answer has a head and no body.
         self.head_request = False
+        # A request written in this pass of the loop, sent at its end (SendBatch).
+        self.unsent = b""
 
     # asyncio.Protocol
 
@@ -122,6 +124,16 @@ class _Connection(WriteFlow, asyncio.Protocol):
             response.body.finish()
             return
         self._fail(UpstreamError(f"the container closed the connection ({exc or 'EOF'})"))
+
+    def send_unsent(self) -> None:
+        """Write the request kept for the end of the pass (SendBatch calls it), unless
+        its caller was cancelled meanwhile: then the container never sees it."""
+        data, self.unsent = self.unsent, b""
+        ready = self._headers_ready
+        if ready is not None and ready.cancelled():
+            return
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(data)
 
     # httptools callbacks
 
@@ -271,6 +283,7 @@ class UpstreamPool:
         self._all: set[_Connection] = set()
         # Namespace targets whose connection failed: reached at their host port since.
         self._published_only: set[InNamespace] = set()
+        self._batch: SendBatch | None = None
 
     async def request(
         self,
@@ -367,7 +380,13 @@ class UpstreamPool:
         ready = connection._headers_ready = connection.loop.create_future()
         try:
             if body is None or isinstance(body, bytes):
-                transport.write(head + body if body else head)
+                data = head + body if body else head
+                if len(data) > BATCHED_MAX:
+                    transport.write(data)
+                else:
+                    # Sent at the end of this pass of the loop, with the others made in it.
+                    connection.unsent = data
+                    self._send_batch(connection.loop).add(connection)
             else:
                 transport.write(head)
                 await connection.send_body(
@@ -382,6 +401,11 @@ class UpstreamPool:
             connection.close()
             raise
         return response
+
+    def _send_batch(self, loop: asyncio.AbstractEventLoop) -> SendBatch:
+        if self._batch is None:
+            self._batch = SendBatch(loop)
+        return self._batch
 
     def _idle_connection(self, target: Target) -> _Connection | None:
         idle = self._idle.get(target)

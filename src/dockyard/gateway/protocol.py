@@ -34,7 +34,7 @@ import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
-from .._flow import ChunkBuffer, WriteFlow
+from .._flow import BATCHED_MAX, ChunkBuffer, SendBatch, WriteFlow
 from ..errors import ClientError, InvalidHeader, RequestTimeout, error_id
 from ..http import (
     GOOD_HEADER_NAMES,
@@ -70,8 +70,12 @@ _SLICE = 4 * 1024
 
 Respond = Callable[[Request], Awaitable[Response]]
 Upgrade = Callable[[asyncio.Transport, bytes, list[tuple[str, str]]], None]
-# A request to answer (request, keep-alive, its body), or a final error answer's bytes.
-_Pending = tuple[Request, bool, ChunkBuffer | None] | bytes
+# A request to answer (request, keep-alive, its body, whether it waits for a 100
+# Continue in its turn), or a final error answer's bytes.
+_Pending = tuple[Request, bool, ChunkBuffer | None, bool] | bytes
+
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _Date:
@@ -102,8 +106,12 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         upgrade: Upgrade,
         connections: Connections[HttpProtocol],
         limits: GatewayLimits,
+        batch: SendBatch,
     ) -> None:
         self._limits = limits
+        self._batch = batch
+        # Answers written in this pass of the loop, sent at its end (SendBatch).
+        self._unsent = b""
         self._write_timeout = limits.write_timeout
         self._respond = respond
         self._upgrade = upgrade
@@ -217,6 +225,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._unsent = b""
         self._connections.discard(self)
         self._cancel_timers()
         if self._body is not None and not self._body.complete:
@@ -227,7 +236,24 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             # it now, so it is closed now, rather than when it next has something to say.
             self._worker.cancel()
 
+    def send_unsent(self) -> None:
+        """Write what ``_send_soon`` kept back (SendBatch calls it at the end of the pass)."""
+        data, self._unsent = self._unsent, b""
+        if data and self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def _send_soon(self, data: bytes) -> None:
+        """Write ``data`` at the end of this pass of the loop, with the other connections'
+        answers made in it; a large one is written now."""
+        if len(data) > BATCHED_MAX:
+            self._write(data)
+        else:
+            if not self._unsent:
+                self._batch.add(self)
+            self._unsent += data
+
     def close(self) -> None:
+        self.send_unsent()
         self._closed = True
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -238,6 +264,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
                 self._loop.call_later(self._limits.write_timeout, transport.abort)
 
     def _abort(self) -> None:
+        self._unsent = b""
         self._closed = True
         if self.transport is not None:
             self.transport.abort()
@@ -357,15 +384,21 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             self._body_left = int(length) if not chunked and length.isdigit() else None
             self._body_progress = self._loop.time()
             self._body_timer = self._loop.call_later(self._limits.body_timeout, self._body_too_slow)
-            if expect_continue and self.transport is not None:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # Answers go out in the order of the requests, interim ones too: behind requests
+        # not yet answered, the 100 Continue waits for its turn.
+        continue_in_turn = False
+        if body is not None and expect_continue:
+            if self._worker is None and not self._queue:
+                self._write(_CONTINUE)
+            else:
+                continue_in_turn = True
         self._body = body
         request = Request(f"http://{host}{target.decode('latin-1')}", method=method, body=body)
         # The parser's pairs are already str: one copy, without the constructor's per-item
         # conversion of arbitrary header input.
         request.headers = CIMultiDict(self._headers)
         queue = self._queue
-        queue.append((request, self._parser.should_keep_alive(), body))
+        queue.append((request, self._parser.should_keep_alive(), body, continue_in_turn))
         if len(queue) > self._limits.max_pipelined:
             self._pause(_PIPELINE)
         if self._worker is None:
@@ -400,7 +433,9 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
                     # A malformed or over-limit request, answered in its turn: the last.
                     self._finish_with(item)
                     return
-                request, keep_alive, body = item
+                request, keep_alive, body, continue_in_turn = item
+                if continue_in_turn and body is not None and not (body.buffered or body.complete):
+                    self._write(_CONTINUE)  # (none needed once the body is arriving)
                 try:
                     response = await self._respond(request)
                 except Exception:
@@ -435,6 +470,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self._closed:
+            self.send_unsent()
             self.transport.write(data)
 
     async def _write_response(self, request: Request, response: Response, keep_alive: bool) -> None:
@@ -487,7 +523,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             if length is not None and status not in (204, 304):
                 head.append(b"Content-Length: %d\r\n" % length)
             head.append(b"\r\n")
-            transport.write(b"".join(head))
+            self._send_soon(b"".join(head))
             await response.discard()
             return
         known = response.body_length
@@ -495,7 +531,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             body = await response.bytes() if known else b""
             head.append(b"Content-Length: %d\r\n\r\n" % len(body))
             head.append(body)
-            transport.write(b"".join(head))
+            self._send_soon(b"".join(head))
             if not self._can_write:
                 await self.drain()  # under write_timeout: a client that never reads is cut off
             return
@@ -507,6 +543,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         stream = response.stream()
         self._streaming = True
         try:
+            self.send_unsent()
             transport.write(b"".join(head))
             await self.send_body(transport, stream, chunked=chunked, closed=lambda: self._closed)
         except BaseException:
@@ -536,6 +573,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         raw, self._pending_upgrade = self._pending_upgrade, None
         if self.transport is None or self._closed or raw is None:
             return
+        self.send_unsent()
         self._connections.discard(self)
         self._cancel_timers()
         if self._paused_for:
@@ -600,6 +638,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         if self._loop.time() < due:  # requests came and went since it was armed
             self._idle_timer = self._loop.call_at(due, self._close_if_idle)
             return
+        self.send_unsent()
         if self.transport is not None and self.transport.get_write_buffer_size():
             self._abort()
         else:
@@ -631,6 +670,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closed:
             return
+        self.send_unsent()
         self._discard = True
         if answer:
             transport.write(answer)

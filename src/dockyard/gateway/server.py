@@ -25,6 +25,7 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
+from .._flow import SendBatch
 from .._tasks import until_first_done
 from ..errors import DockyardError, error_id
 from ..http import HOP_BY_HOP, STREAM_CHUNK, Request, Response, WebSocket, error_response
@@ -64,6 +65,7 @@ class Gateway:
         # The head of each upgrade as the gateway parsed it (latin-1, byte-exact), for
         # the request the WebSocket server hands back.
         self._upgrade_heads: dict[asyncio.BaseTransport, list[tuple[str, str]]] = {}
+        self._batch: SendBatch | None = None
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -96,7 +98,14 @@ class Gateway:
     def protocol(self) -> HttpProtocol:
         """The protocol for one new connection, as the server makes it per accepted socket
         (bench/scenarios/layers.py feeds one through a transport of its own)."""
-        return HttpProtocol(self.respond, self._upgrade, self._connections, self.limits)
+        return HttpProtocol(
+            self.respond, self._upgrade, self._connections, self.limits, self._sends()
+        )
+
+    def _sends(self) -> SendBatch:
+        if self._batch is None:
+            self._batch = SendBatch(asyncio.get_running_loop())
+        return self._batch
 
     async def serve_accepted(self, sock: socket.socket, initial: bytes = b"") -> None:
         """Serve a connection accepted elsewhere, as if this gateway had accepted it.
@@ -113,7 +122,12 @@ class Gateway:
             sock.setblocking(False)
             await loop.connect_accepted_socket(
                 lambda: _HandedOver(
-                    self.respond, self._upgrade, self._connections, self.limits, initial
+                    self.respond,
+                    self._upgrade,
+                    self._connections,
+                    self.limits,
+                    self._sends(),
+                    initial,
                 ),
                 sock,
             )
@@ -251,9 +265,10 @@ class _HandedOver(HttpProtocol):
         upgrade: Upgrade,
         connections: Connections[HttpProtocol],
         limits: GatewayLimits,
+        batch: SendBatch,
         initial: bytes,
     ) -> None:
-        super().__init__(respond, upgrade, connections, limits)
+        super().__init__(respond, upgrade, connections, limits, batch)
         self._initial = initial
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
