@@ -37,7 +37,7 @@ from tests.support.api_project import (
     remove_test_images,
 )
 from tests.support.devserver import DevServer
-from tests.support.engine import engine_inspect, wait_until
+from tests.support.engine import app_name, engine_inspect, wait_until
 from tests.support.projects import Project
 
 pytestmark = pytest.mark.docker
@@ -70,7 +70,7 @@ def images(busybox_image: str) -> Iterator[Images]:
 
 @pytest.fixture(scope="module")
 def shared(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
-    name = f"t-api-{secrets.token_hex(4)}"
+    name = app_name("t-api")
     project = make_api_project(tmp_path_factory.mktemp("api"), images.current, name=name)
     try:
         with DevServer(project.root) as dev:
@@ -423,7 +423,7 @@ async def test_containers_logs_prints_the_container_output(api: Lab) -> None:
 async def test_adoption_removes_containers_of_an_older_version(
     lab: Lab, images: Images, tmp_path: Path
 ) -> None:
-    name = f"t-api-{secrets.token_hex(4)}"
+    name = app_name("t-api")
     project = make_api_project(tmp_path / "app", images.current, ("Base",), name=name)
     try:
         dev = DevServer(project.root).start()
@@ -455,7 +455,7 @@ def free_port() -> int:
 
 
 async def test_dev_ip_and_port_from_the_config(lab: Lab, images: Images, tmp_path: Path) -> None:
-    name = f"t-api-{secrets.token_hex(4)}"
+    name = app_name("t-api")
     port = free_port()
     project = make_api_project(
         tmp_path / "app",
@@ -500,7 +500,7 @@ async def test_readme_quick_start(lab: Lab, tmp_path: Path, busybox_image: str) 
     project = tmp_path / "hello"
     shutil.copytree(ROOT / "examples" / "hello", project, ignore=shutil.ignore_patterns(".*"))
     config = project / "wrangler.jsonc"
-    name = f"t-hello-{secrets.token_hex(4)}"
+    name = app_name("t-hello")
     config.write_text(config.read_text().replace('"hello"', json.dumps(name)))
     dockyard = str(Path(sys.executable).parent / "dockyard")
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import shutil
 import subprocess
 import time
@@ -27,7 +26,7 @@ from dockyard.containers.runtime import ContainerInfo
 from tests.support.api_project import remove_app
 from tests.support.compat import request
 from tests.support.devserver import DevServer
-from tests.support.engine import wait_until
+from tests.support.engine import app_name, wait_until
 
 # The first test may build the base image (about a minute, up to three on a busy
 # machine) inside the default 180 s per test.
@@ -55,7 +54,7 @@ async def project(tmp_path: Path, node_image: str) -> AsyncIterator[tuple[Path, 
     """A copy of the example whose configs name an app of this test's own."""
     root = tmp_path / "seed-tutorial"
     shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".dockyard", "__pycache__"))
-    app = f"t-seed-{secrets.token_hex(4)}"
+    app = app_name("t-seed")
     for name in CONFIGS:
         config = root / name
         text = config.read_text()

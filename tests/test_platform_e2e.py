@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import aiohttp
 import pytest
 
 from dockyard.containers.docker import DockerRuntime
+from tests.support.engine import app_name
 from tests.support.node import DOCKYARD, Node, running_node
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -42,7 +42,7 @@ def project(
     tmp_path: Path, text: str, *, steps: Any = 50, objects: int = 1, slow_stop: bool = False
 ) -> Path:
     """A container app: `/<n>` reaches object n's container, which answers `text`."""
-    name = f"t-{secrets.token_hex(4)}"
+    name = app_name()
     root = tmp_path / name
     (root / "container").mkdir(parents=True)
     (root / "container" / "index.html").write_text(text + "\n")
@@ -189,7 +189,7 @@ def test_deploy_hello_and_route_by_host(node: Node, tmp_path: Path) -> None:
     hello = tmp_path / "hello"
     shutil.copytree(ROOT / "examples" / "hello", hello, ignore=shutil.ignore_patterns(".*"))
     config = hello / "wrangler.jsonc"
-    name = f"t-hello-{secrets.token_hex(3)}"
+    name = app_name("t-hello")
     config.write_text(config.read_text().replace('"hello"', json.dumps(name), 1))
     # The CLI calls below take a few seconds each on a loaded machine: the container must
     # not fall asleep (10 s in the example) before `containers stop` reaches it.
@@ -424,7 +424,7 @@ async def fetch(request, env, ctx):
 
 
 def worker_app(tmp_path: Path) -> tuple[str, Path]:
-    name = f"t-{secrets.token_hex(4)}"
+    name = app_name()
     root = tmp_path / name
     root.mkdir()
     (root / "worker.py").write_text(ISOLATION_WORKER)

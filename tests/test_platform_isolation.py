@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 from pathlib import Path
 
 import pytest
 
+from tests.support.engine import app_name
 from tests.test_platform_e2e import Node, get, node  # noqa: F401  (node is a fixture)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -69,7 +69,7 @@ async def fetch(request, env, ctx):
 
 
 def worker_app(tmp_path: Path) -> tuple[str, Path]:
-    name = f"t-{secrets.token_hex(4)}"
+    name = app_name()
     root = tmp_path / name
     root.mkdir()
     (root / "worker.py").write_text(WORKER)

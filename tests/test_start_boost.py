@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from dockyard.containers.docker import DockerRuntime
 from tests.support.devserver import DevServer
-from tests.support.engine import docker_cli, engine_inspect, wait_until
+from tests.support.engine import app_name, docker_cli, engine_inspect, wait_until
 from tests.support.projects import IMAGES
 
 pytestmark = pytest.mark.docker
@@ -99,7 +98,7 @@ async def fetch(request, env, ctx):
 
 
 def write_project(root: Path) -> str:
-    name = f"t-{secrets.token_hex(4)}"
+    name = app_name()
     root.mkdir(parents=True, exist_ok=True)
     (root / "worker.py").write_text(WORKER)
     shutil.copytree(IMAGES / "web", root / "web", dirs_exist_ok=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import pytest_asyncio
 from dockyard.containers.docker import DockerRuntime
 from dockyard.containers.runtime import ContainerInfo
 from tests.support.devserver import DevServer
-from tests.support.engine import engine_inspect, wait_until
+from tests.support.engine import app_name, engine_inspect, wait_until
 from tests.support.projects import IMAGES
 
 pytestmark = pytest.mark.docker
@@ -110,7 +109,7 @@ async def fetch(request, env, ctx):
 def write_project(
     root: Path, *, sleep_after: str = "10m", classes: dict | None = None, name: str | None = None
 ) -> str:
-    name = name or f"t-{secrets.token_hex(4)}"
+    name = name or app_name()
     root.mkdir(parents=True, exist_ok=True)
     (root / "worker.py").write_text(WORKER.format(sleep_after=sleep_after))
     shutil.copytree(IMAGES / "web", root / "web", dirs_exist_ok=True)

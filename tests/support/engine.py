@@ -10,7 +10,8 @@ import asyncio
 import json
 import secrets
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +52,33 @@ async def busybox_tag(busybox_image: str) -> AsyncIterator[str]:
     await docker_cli("tag", busybox_image, ref)
     yield ref
     await docker_cli("image", "rm", ref)
+
+
+# Names handed out by app_name() in this process (one pytest session, or one xdist worker).
+_app_names: list[str] = []
+
+
+def app_name(prefix: str = "t") -> str:
+    """A unique app name for a test's project; the images built for it (labelled with
+    it) are removed when this process's tests end."""
+    name = f"{prefix}-{secrets.token_hex(4)}"
+    _app_names.append(name)
+    return name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_app_images() -> Iterator[None]:
+    # At the end of the session, not of each test: a module's fixture may share one app
+    # (and its running containers) across tests. Each app's images carry its name as a
+    # label, and a name belongs to this process alone: another worker's images, or
+    # another checkout's, are never touched.
+    yield
+    for name in _app_names:
+        try:
+            remove_labelled_images(f"dockyard.app={name}")
+        except AssertionError as exc:  # (in use by a container a test left running)
+            warnings.warn(f"images of app {name} left: {exc}", stacklevel=1)
+    _app_names.clear()
 
 
 @pytest_asyncio.fixture

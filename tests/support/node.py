@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.support.engine import app_name
 from tests.support.output import Output
 
 DOCKYARD = [sys.executable, "-m", "dockyard"]
@@ -172,7 +173,7 @@ def room_app(tmp_path: Path, cmd: str, *, before_fetch: str = "") -> Path:
     """An app of one container class, Web (busybox serving "hi" on 8080, started with the
     Dockerfile ``CMD`` given), whose worker sends every request to object "room-1" after
     running ``before_fetch`` (lines of Python, indented for the fetch handler)."""
-    name = f"t-{secrets.token_hex(4)}"
+    name = app_name()
     root = tmp_path / name
     (root / "container").mkdir(parents=True)
     (root / "container" / "index.html").write_text("hi\n")

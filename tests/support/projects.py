@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.support.engine import app_name
 
 IMAGES = Path(__file__).parent / "images"
 
@@ -154,7 +155,7 @@ def make_project(
     base_images: dict[str, str] | None = None,
 ) -> Project:
     """A project with the given container classes (name -> extra container config keys)."""
-    name = f"t-{secrets.token_hex(4)}"
+    name = app_name()
     root.mkdir(parents=True, exist_ok=True)
     (root / "worker.py").write_text(WORKER.format(sleep_after=sleep_after))
     for image in {CLASSES[c] for c in classes}:
