@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dockyard.observe.logstore import LogStore
 from dockyard.observe.records import LogQuery
 from tests.support.devserver import DevServer
+from tests.support.engine import app_name
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -40,7 +41,7 @@ def chatty(tmp_path: Path, marker: str) -> Path:
     (root / "wrangler.jsonc").write_text(
         json.dumps(
             {
-                "name": f"chatty-{marker}",
+                "name": app_name("chatty"),
                 "main": "worker.py",
                 "containers": [{"class_name": "Web", "image": "./container/Dockerfile"}],
                 "durable_objects": {"bindings": [{"name": "WEB", "class_name": "Web"}]},

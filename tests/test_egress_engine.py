@@ -23,7 +23,7 @@ from dockyard.app import App
 from dockyard.containers.docker import DockerRuntime
 from dockyard.http import Request
 from dockyard.settings import ContainerSettings, Settings
-from tests.support.engine import docker_cli, remove_labelled_images
+from tests.support.engine import app_name, docker_cli, remove_labelled_images
 
 pytestmark = [
     pytest.mark.docker,
@@ -132,7 +132,7 @@ CLASSES = ["Allowing", "Catching", "Plain"]
 
 
 def write_project(root: Path) -> str:
-    name = f"t-egress-{secrets.token_hex(4)}"
+    name = app_name("t-egress")
     root.mkdir(parents=True)
     (root / "worker.py").write_text(WORKER)
     # In a folder of its own: `dockyard deploy` refuses a build context at the project's

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from dockyard._flow import SendBatch
 from dockyard.gateway.server import Gateway, GatewayLimits
 from dockyard.http import Request, Response, WebSocketPair
 
@@ -158,6 +159,28 @@ async def test_answers_made_in_one_pass_of_the_loop_are_written_together_at_its_
     assert len(written) == 8 and all(w.endswith(b"\r\n\r\nok\n") for w in written)
     for protocol in protocols:
         protocol.connection_lost(None)
+
+
+async def test_one_failed_send_does_not_keep_the_other_connections_answers_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    batch = SendBatch(asyncio.get_running_loop())
+    sent: list[int] = []
+
+    class Sender:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def send_unsent(self) -> None:
+            if self.n == 1:
+                raise RuntimeError("a transport closed behind the sender's back")
+            sent.append(self.n)
+
+    for n in range(3):
+        batch.add(Sender(n))
+    await asyncio.sleep(0)
+    assert sent == [0, 2]
+    assert "A send failed (error id " in caplog.text
 
 
 async def test_http_1_0_closes_and_chunked_upload_is_read(port: int) -> None:

@@ -12,7 +12,6 @@ import gc
 import json
 import os
 import random
-import secrets
 import shutil
 import traceback
 from pathlib import Path
@@ -24,7 +23,7 @@ from dockyard.app import App
 from dockyard.containers.docker import DockerRuntime
 from dockyard.gateway.server import Gateway
 from dockyard.settings import ObjectSettings, Settings
-from tests.support.engine import wait_until
+from tests.support.engine import app_name, wait_until
 from tests.support.projects import IMAGES
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -67,7 +66,7 @@ async def fetch(request, env, ctx):
 
 
 def write_project(root: Path) -> str:
-    name = f"t-{secrets.token_hex(4)}"
+    name = app_name()
     root.mkdir(parents=True)
     (root / "worker.py").write_text(WORKER.format(sleep_after=f"{int(SLEEP_AFTER)}s"))
     shutil.copytree(IMAGES / "web", root / "web")

@@ -2,17 +2,23 @@
 
 ``WriteFlow`` lets a writer wait while the transport's buffer is full. ``ChunkBuffer``
 holds body chunks that arrive from a socket until a coroutine reads them, and pauses
-reading from that socket while too much is waiting.
+reading from that socket while too much is waiting. ``SendBatch`` writes what the
+connections sent during one pass of the event loop together, at its end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Protocol
 
-__all__ = ["ChunkBuffer", "WriteFlow"]
+from .errors import error_id
+
+__all__ = ["BATCHED_MAX", "ChunkBuffer", "SendBatch", "WriteFlow"]
+
+log = logging.getLogger("dockyard.gateway")
 
 HIGH_WATER = 1 << 20
 LOW_WATER = 256 << 10
@@ -54,7 +60,11 @@ class SendBatch:
     def _send(self) -> None:
         waiting, self._waiting = self._waiting, []
         for sender in waiting:
-            sender.send_unsent()
+            try:
+                sender.send_unsent()
+            except Exception as exc:
+                # (a bug: senders check their transport) The others must still go out.
+                log.error("A send failed (error id %s): %r", error_id(), exc, exc_info=exc)
 
 
 class WriteFlow:

@@ -132,8 +132,9 @@ class _Connection(WriteFlow, asyncio.Protocol):
         ready = self._headers_ready
         if ready is not None and ready.cancelled():
             return
-        if data and not self.closed and self.transport is not None:
-            self.transport.write(data)
+        transport = self.transport
+        if data and not self.closed and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     # httptools callbacks
 

@@ -239,8 +239,9 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
     def send_unsent(self) -> None:
         """Write what ``_send_soon`` kept back (SendBatch calls it at the end of the pass)."""
         data, self._unsent = self._unsent, b""
-        if data and self.transport is not None and not self._closed:
-            self.transport.write(data)
+        transport = self.transport
+        if data and transport is not None and not self._closed and not transport.is_closing():
+            transport.write(data)
 
     def _send_soon(self, data: bytes) -> None:
         """Write ``data`` at the end of this pass of the loop, with the other connections'
