@@ -14,6 +14,8 @@ from dockyard.http import Request, Response, WebSocketPair
 
 # Set by the /stream body when its source is closed; made per test (events bind a loop).
 stream_closed: dict[str, asyncio.Event] = {}
+# /hold answers once this is set (made per test).
+release: dict[str, asyncio.Event] = {}
 
 
 class Endless:
@@ -37,6 +39,9 @@ async def dispatch(request: Request) -> Response:
         return Response("did not read it")
     if request.path == "/stream":
         return Response(Endless())
+    if request.path == "/hold":
+        await release["hold"].wait()
+        return Response("held")
     if request.path == "/chunks":
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -97,9 +102,12 @@ async def test_pipelined_requests_are_answered_in_order(port: int) -> None:
 async def test_answers_kept_for_the_end_of_the_pass_stay_in_order_with_every_other_write(
     port: int,
 ) -> None:
-    # Small answers are written at the end of the event loop's pass; a streamed answer
-    # and the final 400 are written at once. Neither may overtake an answer still
-    # waiting for its pass to end.
+    # Small answers are written at the end of the event loop's pass (while another
+    # connection's answer is in the making: /hold); a streamed answer and the final 400
+    # are written at once. Neither may overtake an answer still waiting for its pass.
+    release["hold"] = asyncio.Event()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n")
     raw = (
         b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n"
         b"GET /chunks HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -117,6 +125,9 @@ async def test_answers_kept_for_the_end_of_the_pass_stay_in_order_with_every_oth
     places = [data.find(mark) for mark in marks]
     assert -1 not in places, data
     assert places == sorted(places), data
+    release["hold"].set()
+    assert (await asyncio.wait_for(reader.readuntil(b"held"), 5)).startswith(b"HTTP/1.1 200")
+    writer.close()
 
 
 class _Recorded:
@@ -145,6 +156,7 @@ async def test_answers_made_in_one_pass_of_the_loop_are_written_together_at_its_
     seen_when_answering: list[int] = []
 
     async def answer(request: Request) -> Response:
+        await asyncio.sleep(0)  # as an answer from a container: all eight in the making
         seen_when_answering.append(len(written))
         return Response("ok\n")
 
@@ -159,6 +171,25 @@ async def test_answers_made_in_one_pass_of_the_loop_are_written_together_at_its_
     assert len(written) == 8 and all(w.endswith(b"\r\n\r\nok\n") for w in written)
     for protocol in protocols:
         protocol.connection_lost(None)
+
+
+async def test_an_answer_with_no_other_in_the_making_is_written_at_once() -> None:
+    # Nothing could share its batch: keeping it for the end of the pass would only
+    # delay it (about 15% fewer requests a second at one connection, measured).
+    written: list[bytes] = []
+
+    async def answer(request: Request) -> Response:
+        return Response("ok\n")
+
+    gateway = Gateway(answer, port=0)
+    protocol = gateway.protocol()
+    protocol.connection_made(_Recorded(written))  # type: ignore[arg-type]
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    # Runs right after the step that answers, before anything that step schedules.
+    when_answered: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(lambda: when_answered.set_result(len(written)))
+    assert await when_answered == 1
+    protocol.connection_lost(None)
 
 
 async def test_one_failed_send_does_not_keep_the_other_connections_answers_back(

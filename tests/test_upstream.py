@@ -63,15 +63,24 @@ async def test_keep_alive_reuses_one_connection_and_bodies_round_trip() -> None:
 async def test_a_request_cancelled_in_the_pass_it_was_made_in_never_reaches_the_container() -> None:
     # Requests are written at the end of the event loop's pass, with the others made in
     # it (SendBatch); one whose caller is cancelled before then is dropped unsent.
+    # (Alone, a request is written at once: another must be waiting for its answer.)
     seen: list[str] = []
+    holding, release = asyncio.Event(), asyncio.Event()
 
     async def record(request: web.Request) -> web.Response:
         seen.append(request.path)
+        if request.path == "/hold":
+            holding.set()
+            await release.wait()
         return web.Response(text="ok")
 
     runner = await serve(record)
     pool = UpstreamPool()
     try:
+        held = asyncio.create_task(
+            pool.request(port_of(runner), "GET", "/hold", [("Host", "container")])
+        )
+        await asyncio.wait_for(holding.wait(), 5)
         warm = await pool.request(port_of(runner), "GET", "/warm", [("Host", "container")])
         assert await warm.read() == b"ok"  # the next request reuses this connection
         made = asyncio.create_task(
@@ -81,9 +90,11 @@ async def test_a_request_cancelled_in_the_pass_it_was_made_in_never_reaches_the_
         made.cancel()
         with pytest.raises(asyncio.CancelledError):
             await made
+        release.set()
+        assert await (await held).read() == b"ok"
         after = await pool.request(port_of(runner), "GET", "/after", [("Host", "container")])
         assert await after.read() == b"ok"
-        assert seen == ["/warm", "/after"]
+        assert seen == ["/hold", "/warm", "/after"]
     finally:
         pool.close()
         await runner.cleanup()

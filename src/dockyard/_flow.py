@@ -42,7 +42,10 @@ class SendBatch:
     this cut Dockyard's CPU per warm request by about a fifth (README, "Performance").
 
     A sender keeps its unsent bytes itself and sends them in ``send_unsent()``, which it
-    also calls before any other write or close of its transport, so order is kept.
+    also calls before any other write or close of its transport, so order is kept. A
+    sender with no other request in the making writes at once: nothing could share the
+    batch, and keeping the bytes to the end of the pass cost about 15% of the requests a
+    second at one connection.
     """
 
     __slots__ = ("_loop", "_waiting")

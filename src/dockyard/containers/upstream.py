@@ -285,6 +285,9 @@ class UpstreamPool:
         # Namespace targets whose connection failed: reached at their host port since.
         self._published_only: set[InNamespace] = set()
         self._batch: SendBatch | None = None
+        # Exchanges waiting for their answer: alone, a request has nothing to share a
+        # batch with, and keeping it for the end of the pass only delays it.
+        self._exchanging = 0
 
     async def request(
         self,
@@ -379,10 +382,11 @@ class UpstreamPool:
         connection._response = response
         connection.head_request = head.startswith(b"HEAD ")
         ready = connection._headers_ready = connection.loop.create_future()
+        self._exchanging += 1
         try:
             if body is None or isinstance(body, bytes):
                 data = head + body if body else head
-                if len(data) > BATCHED_MAX:
+                if len(data) > BATCHED_MAX or self._exchanging == 1:
                     transport.write(data)
                 else:
                     # Sent at the end of this pass of the loop, with the others made in it.
@@ -401,6 +405,8 @@ class UpstreamPool:
             ready.cancel()
             connection.close()
             raise
+        finally:
+            self._exchanging -= 1
         return response
 
     def _send_batch(self, loop: asyncio.AbstractEventLoop) -> SendBatch:

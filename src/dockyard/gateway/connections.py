@@ -46,6 +46,8 @@ class Connections(Generic[C]):
         self.limit = limit
         # Set by Gateway.stop(): answers in flight say "Connection: close".
         self.stopping = False
+        # Connections answering a request now (HttpProtocol keeps it).
+        self.answering = 0
         self._open: dict[C, None] = {}
 
     def __len__(self) -> int:

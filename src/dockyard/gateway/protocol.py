@@ -245,8 +245,9 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
 
     def _send_soon(self, data: bytes) -> None:
         """Write ``data`` at the end of this pass of the loop, with the other connections'
-        answers made in it; a large one is written now."""
-        if len(data) > BATCHED_MAX:
+        answers made in it; a large one, or one with no other answer in the making, is
+        written now (keeping it would only delay it)."""
+        if len(data) > BATCHED_MAX or self._connections.answering < 2:
             self._write(data)
         else:
             if not self._unsent:
@@ -425,6 +426,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
 
     async def _serve_queue(self) -> None:
         queue = self._queue
+        self._connections.answering += 1
         try:
             while queue and not self._closed:
                 item = queue.popleft()
@@ -463,6 +465,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             if not isinstance(exc, ConnectionError | TimeoutError):
                 log.error("Answer aborted (error id %s): %r", error_id(), exc, exc_info=exc)
         finally:
+            self._connections.answering -= 1
             self._worker = None
             if self._pending_upgrade is not None:
                 self._hand_over()
