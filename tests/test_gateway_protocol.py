@@ -39,6 +39,9 @@ async def dispatch(request: Request) -> Response:
         return Response("did not read it")
     if request.path == "/stream":
         return Response(Endless())
+    if request.path == "/slow":
+        await asyncio.sleep(1.0)
+        return Response("slow")
     if request.path == "/hold":
         await release["hold"].wait()
         return Response("held")
@@ -245,6 +248,31 @@ async def test_expect_continue_gets_an_interim_answer_in_its_turn(port: int) -> 
         assert head.startswith(b"HTTP/1.1 200 OK")
         assert await reader.readexactly(3) == b"abc"
         writer.close()
+
+
+async def test_a_body_waiting_for_its_turns_100_continue_is_not_timed_out_meanwhile() -> None:
+    # The client sends the body only once told to: its time starts with the 100 Continue,
+    # not with its head, which came in behind a slower answer.
+    gateway = Gateway(dispatch, port=0, limits=GatewayLimits(body_timeout=0.5))
+    port = await gateway.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        await asyncio.wait_for(reader.readuntil(b"slow"), 5)
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+        )
+        writer.write(b"abc")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK"), head
+        assert await reader.readexactly(3) == b"abc"
+        writer.close()
+    finally:
+        await gateway.stop()
 
 
 async def test_malformed_requests_get_400_and_hosts_cannot_rewrite_paths(port: int) -> None:

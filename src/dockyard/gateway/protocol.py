@@ -128,6 +128,9 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         self._head_started = 0.0
         self._body: ChunkBuffer | None = None
         self._body_progress = 0.0
+        # The body's request waits for its turn to be told "100 Continue": its client is
+        # not late sending it.
+        self._continue_owed = False
         self._body_timer: asyncio.TimerHandle | None = None
         self._queue: deque[_Pending] = deque()
         self._worker: asyncio.Task[None] | None = None
@@ -393,7 +396,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             if self._worker is None and not self._queue:
                 self._write(_CONTINUE)
             else:
-                continue_in_turn = True
+                continue_in_turn = self._continue_owed = True
         self._body = body
         request = Request(f"http://{host}{target.decode('latin-1')}", method=method, body=body)
         # The parser's pairs are already str: one copy, without the constructor's per-item
@@ -437,8 +440,12 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
                     self._finish_with(item)
                     return
                 request, keep_alive, body, continue_in_turn = item
-                if continue_in_turn and body is not None and not (body.buffered or body.complete):
-                    self._write(_CONTINUE)  # (none needed once the body is arriving)
+                if continue_in_turn and body is not None:
+                    self._continue_owed = False
+                    if not (body.buffered or body.complete):
+                        self._write(_CONTINUE)  # (none needed once the body is arriving)
+                        # The client was waiting to be told: its body's time starts now.
+                        self._body_progress = self._loop.time()
                 try:
                     response = await self._respond(request)
                 except Exception:
@@ -618,7 +625,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             return
         timeout = self._limits.body_timeout
         waited = self._loop.time() - self._body_progress
-        if self._paused_for:
+        if self._paused_for or self._continue_owed:
             waited = 0.0  # the gateway is holding the client back, not the other way round
             self._body_progress = self._loop.time()
         if waited < timeout:
