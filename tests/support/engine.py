@@ -1,7 +1,8 @@
 """Fixtures for tests on the real container engine.
 
 Every container a test starts carries `test_labels`; the fixture removes all containers
-(and images) with those labels afterwards, so no test leaves anything behind.
+(and images) with those labels afterwards, so no test leaves anything behind. A test's
+app named with `app_name()` has its images removed when the session (or worker) ends.
 """
 
 from __future__ import annotations
