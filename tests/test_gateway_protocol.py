@@ -128,6 +128,9 @@ async def test_answers_kept_for_the_end_of_the_pass_stay_in_order_with_every_oth
     places = [data.find(mark) for mark in marks]
     assert -1 not in places, data
     assert places == sorted(places), data
+    # A kept answer followed by the connection's close: sent before it.
+    data = await exchange(port, b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"GET http://a/last"), data
     release["hold"].set()
     assert (await asyncio.wait_for(reader.readuntil(b"held"), 5)).startswith(b"HTTP/1.1 200")
     writer.close()
@@ -230,6 +233,11 @@ async def test_http_1_0_closes_and_chunked_upload_is_read(port: int) -> None:
 
 async def test_expect_continue_gets_an_interim_answer_in_its_turn(port: int) -> None:
     post = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    # Another connection's answer in the making: the answer to /one is kept for the end
+    # of the pass (SendBatch), and the 100 Continue written after it must not overtake it.
+    release["hold"] = asyncio.Event()
+    _, holder = await asyncio.open_connection("127.0.0.1", port)
+    holder.write(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n")
     for before in (b"", b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n"):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(before + post)
@@ -248,6 +256,8 @@ async def test_expect_continue_gets_an_interim_answer_in_its_turn(port: int) -> 
         assert head.startswith(b"HTTP/1.1 200 OK")
         assert await reader.readexactly(3) == b"abc"
         writer.close()
+    release["hold"].set()
+    holder.close()
 
 
 async def test_a_body_waiting_for_its_turns_100_continue_is_not_timed_out_meanwhile() -> None:
