@@ -131,8 +131,8 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
         self._head_started = 0.0
         self._body: ChunkBuffer | None = None
         self._body_progress = 0.0
-        # The body's request waits for its turn to be told "100 Continue": its client is
-        # not late sending it.
+        # The body being read (only ever one) belongs to a request waiting for its turn to
+        # be told "100 Continue": its client is not late sending it.
         self._continue_owed = False
         self._body_timer: asyncio.TimerHandle | None = None
         self._queue: deque[_Pending] = deque()
@@ -421,6 +421,7 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._body_left = None
+        self._continue_owed = False  # the body came without waiting for it
         if self._body is not None:
             self._body.finish()
             self._body = None
@@ -444,7 +445,8 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
                     return
                 request, keep_alive, body, continue_in_turn = item
                 if continue_in_turn and body is not None:
-                    self._continue_owed = False
+                    if body is self._body:  # (a later body may owe its own 100)
+                        self._continue_owed = False
                     if not (body.buffered or body.complete):
                         self._write(_CONTINUE)  # (none needed once the body is arriving)
                         # The client was waiting to be told: its body's time starts now.
