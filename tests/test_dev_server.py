@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import textwrap
 import time
@@ -98,6 +99,29 @@ async def test_module_form_vars_secrets_and_errors(tmp_path: Path) -> None:
         server.wait_for("RuntimeError: worker exploded")
         # ... and the server keeps serving.
         assert await get(server.url + "/") == (200, "module form says hi")
+
+
+ACCESS_LINE = re.compile(r"^\d\d:\d\d:\d\d (GET|POST) (\S+) (\d{3}) \(\d+\.\d ms\)$")
+
+
+async def test_each_answer_prints_one_access_line_in_order(tmp_path: Path) -> None:
+    project = make_project(tmp_path, MODULE_WORKER)
+    with DevServer(project) as server:
+        assert (await get(server.url + "/"))[0] == 200
+        assert (await get(server.url + "/boom"))[0] == 500
+        assert (await get(server.url + "/env?q=1"))[0] == 200
+        server.wait_for(r"GET /env 200 \(")
+        lines = server.lines
+    access = [m.groups() for line in lines if (m := ACCESS_LINE.match(line.strip()))]
+    assert access == [("GET", "/", "200"), ("GET", "/boom", "500"), ("GET", "/env", "200")]
+    # The worker's traceback is printed before the line of the answer it became.
+    boom = next(i for i, line in enumerate(lines) if "GET /boom 500" in line)
+    assert any("RuntimeError: worker exploded" in line for line in lines[:boom]), lines
+    with DevServer(project, "--no-access-log") as server:
+        assert (await get(server.url + "/"))[0] == 200
+        assert (await get(server.url + "/boom"))[0] == 500
+        server.wait_for("RuntimeError: worker exploded")
+        assert not [line for line in server.lines if ACCESS_LINE.match(line.strip())]
 
 
 async def test_class_form(tmp_path: Path) -> None:

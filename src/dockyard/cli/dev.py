@@ -6,7 +6,6 @@ import asyncio
 import logging
 import secrets
 import signal
-import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -15,7 +14,7 @@ from rich.logging import RichHandler
 
 from .._limits import raise_open_file_limit, settle_heap
 from ..app import App
-from ..gateway.server import Gateway
+from ..gateway.server import AccessLog, Gateway
 from ..observe.local import LocalObservation
 from ..settings import ContainerSettings, ObjectSettings, Settings
 from ..watchdog import LoopWatchdog
@@ -29,21 +28,14 @@ _TOKEN = web.AppKey("token", str)
 RELOAD_DEBOUNCE_MS = 150
 
 
-def configure_logging(*, access_log: bool = True) -> None:
+def configure_logging() -> None:
+    # (The line per request bypasses logging, and rich: see gateway/access.py.)
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    # One line per request, so it must be cheap: rich's layout costs more than the whole
-    # request path, so request lines bypass it.
-    access = logging.getLogger("dockyard.access")
-    access.propagate = False
-    access.setLevel(logging.INFO if access_log else logging.WARNING)
-    plain = logging.StreamHandler(sys.stderr)
-    plain.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    access.handlers[:] = [plain]
 
 
 def run_dev(
@@ -59,14 +51,14 @@ def run_dev(
     apply_deletions: bool = False,
     test_scheduled: bool = False,
 ) -> int:
-    configure_logging(access_log=access_log)
+    configure_logging()
     settings = Settings(
         objects=ObjectSettings(idle_timeout=object_idle_timeout, apply_deletions=apply_deletions),
         containers=ContainerSettings(debug_errors=debug_errors),
         test_scheduled=test_scheduled,
     )
     app = App(directory, config_path=config_path, settings=settings)
-    serve = _serve(app, port=port, ip=ip, dashboard=dashboard)
+    serve = _serve(app, port=port, ip=ip, dashboard=dashboard, access_log=access_log)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - platforms without uvloop
@@ -75,7 +67,12 @@ def run_dev(
 
 
 async def _serve(
-    app: App, *, port: int | None, ip: str | None, dashboard: tuple[str, int] | None = None
+    app: App,
+    *,
+    port: int | None,
+    ip: str | None,
+    dashboard: tuple[str, int] | None = None,
+    access_log: bool = True,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -107,6 +104,7 @@ async def _serve(
             host=ip or app.config.dev.ip,
             port=app.config.dev.port if port is None else port,
             limits=app.settings.gateway,
+            access_log=AccessLog() if access_log else None,
         )
         bound = await gateway.start()
         settle_heap()

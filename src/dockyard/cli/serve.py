@@ -30,7 +30,7 @@ def parse_address(value: str, option: str) -> tuple[str, int]:
 
 
 def run_serve(settings: NodeSettings) -> int:
-    configure_logging(access_log=False)
+    configure_logging()
     raise_open_file_limit()
     try:
         import uvloop

@@ -29,21 +29,22 @@ from .._flow import SendBatch
 from .._tasks import until_first_done
 from ..errors import DockyardError, error_id
 from ..http import HOP_BY_HOP, STREAM_CHUNK, Request, Response, WebSocket, error_response
+from .access import AccessLog
 from .connections import Connections
 from .limits import GatewayLimits
 from .protocol import HttpProtocol, Respond, Upgrade
 
-__all__ = ["Dispatch", "Gateway", "GatewayLimits"]
+__all__ = ["AccessLog", "Dispatch", "Gateway", "GatewayLimits"]
 
 log = logging.getLogger("dockyard.gateway")
-access_log = logging.getLogger("dockyard.access")
 
 Dispatch = Callable[[Request], Awaitable[Response]]
 
 
 class Gateway:
     """Serves ``dispatch`` on ``host:port``, or on the unix socket ``path`` when given;
-    ``start()`` returns the bound port (0 on a unix socket)."""
+    ``start()`` returns the bound port (0 on a unix socket). With ``access_log``, each
+    answer is written there (``dockyard dev``'s line per request)."""
 
     def __init__(
         self,
@@ -53,8 +54,10 @@ class Gateway:
         port: int = 8787,
         limits: GatewayLimits | None = None,
         path: str | Path | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.dispatch = dispatch
+        self.access_log = access_log
         self.limits = limits or GatewayLimits()
         self.host = host
         self.port = port
@@ -187,14 +190,8 @@ class Gateway:
                 ident,
             )
             response = Response(f"Internal Server Error (error id {ident})\n", status=500)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %s %s (%.1f ms)",
-                request.method,
-                request.path,
-                response.status,
-                (time.perf_counter() - started) * 1000,
-            )
+        if self.access_log is not None:
+            self.access_log.answered(request, response.status, time.perf_counter() - started)
         return response
 
     def _upgrade(

@@ -333,7 +333,6 @@ def _configure_logging() -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.getLogger("dockyard.access").setLevel(logging.WARNING)
 
 
 def main() -> int:
