@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from dockyard._limits import YOUNG_COLLECTION_THRESHOLD
 from tests.support.devserver import DevServer
@@ -110,10 +111,21 @@ async def test_each_answer_prints_one_access_line_in_order(tmp_path: Path) -> No
         assert (await get(server.url + "/"))[0] == 200
         assert (await get(server.url + "/boom"))[0] == 500
         assert (await get(server.url + "/env?q=1"))[0] == 200
-        server.wait_for(r"GET /env 200 \(")
+        # A path a client encoded to forge a console line, and clear the screen: printed
+        # as it came, still encoded.
+        forged = URL(server.url + "/x%0A12:00:00%20GET%20/admin%20200%1B%5B2J", encoded=True)
+        async with aiohttp.ClientSession() as session, session.get(forged) as response:
+            assert response.status == 200
+        server.wait_for(r"GET /x%0A12:00:00%20GET%20/admin%20200%1B%5B2J 200 \(")
         lines = server.lines
+    assert not any("\x1b" in line or line.startswith("12:00:00 GET /admin") for line in lines)
     access = [m.groups() for line in lines if (m := ACCESS_LINE.match(line.strip()))]
-    assert access == [("GET", "/", "200"), ("GET", "/boom", "500"), ("GET", "/env", "200")]
+    assert access == [
+        ("GET", "/", "200"),
+        ("GET", "/boom", "500"),
+        ("GET", "/env", "200"),
+        ("GET", "/x%0A12:00:00%20GET%20/admin%20200%1B%5B2J", "200"),
+    ]
     # The worker's traceback is printed before the line of the answer it became.
     boom = next(i for i, line in enumerate(lines) if "GET /boom 500" in line)
     assert any("RuntimeError: worker exploded" in line for line in lines[:boom]), lines
