@@ -159,7 +159,9 @@ async def test_a_restarted_meter_neither_loses_nor_doubles_a_run(
         await docker_runtime.exec(keeps, ["sh", "-c", burn(30)])
         await first.read_now(keeps)
         before = {row.key: row for row in first.usage(app=app, by="class")}
-    assert before["keeps"].vcpu_seconds >= 0.3
+    # burn() counts its CPU in scheduler ticks, sampled; the meter reads the cgroup's
+    # nanoseconds, which came out 0.01 s under 30 ticks once in CI: allow 0.05 s.
+    assert before["keeps"].vcpu_seconds >= 0.3 - 0.05
     # While no meter runs: more CPU, and one container ends.
     await docker_runtime.exec(keeps, ["sh", "-c", burn(30)])
     await docker_runtime.kill(dies)
@@ -178,7 +180,8 @@ async def test_a_restarted_meter_neither_loses_nor_doubles_a_run(
         assert after[name].runs == 1
         assert after[name].running_seconds == steps(engine_seconds(info))
     assert after["keeps"].vcpu_seconds == pytest.approx(engine.cpu_ns / 1e9, abs=0.01)
-    assert after["keeps"].vcpu_seconds >= before["keeps"].vcpu_seconds + 0.3
+    # The run while no meter ran is counted (see the allowance above).
+    assert after["keeps"].vcpu_seconds >= before["keeps"].vcpu_seconds + 0.3 - 0.05
 
 
 @pytest.mark.docker
