@@ -294,13 +294,21 @@ class ContainerSupervisor:
         if self.options is not None:
             self._deadline = self.last_active + self.options.sleep_after
 
-    async def ready(self, port: int) -> int:
-        """Start the container if needed, wait until ``port`` answers; its host port."""
+    async def ready(self, port: int, *, healthy: bool = True) -> int:
+        """Start the container if needed, wait until ``port`` answers; its host port.
+
+        The container is then healthy: the port its caller waited for answers. A caller
+        that waits for more ports passes ``healthy=False`` and says so once all answer.
+        """
         if not self._gate.is_set():
             await self._wait_at_gate()
         while True:
             phase = self.phase
             if phase is Phase.HEALTHY and port in self._ready_ports:
+                return self.host_port(port)
+            if phase is Phase.RUNNING and port in self._ready_ports:
+                if healthy:
+                    self._answered()
                 return self.host_port(port)
             if self._start_task is not None:
                 await asyncio.shield(self._start_task)
@@ -324,7 +332,14 @@ class ContainerSupervisor:
         if self.phase in (Phase.STOPPED, Phase.PAUSED):
             await asyncio.shield(self._begin_start(ports or [], overrides))
         for port in ports or []:
-            await self.ready(port)
+            await self.ready(port, healthy=False)
+        if ports:
+            self._answered()
+
+    def _answered(self) -> None:
+        """Every port a caller waited for answers: a running container is now healthy."""
+        if self.phase is Phase.RUNNING and self._start_task is None:
+            self._enter(Phase.HEALTHY)
 
     def host_port(self, port: int) -> int:
         info = self.info
@@ -695,9 +710,9 @@ class ContainerSupervisor:
             current = asyncio.current_task()
             assert current is not None
             self._forget_probe(port, current)
+        # (The phase is left to whoever waited for the port: the probes that end the start
+        # boost must not call a container healthy while a port its caller waits for is shut.)
         self._ready_ports.add(port)
-        if self.phase is Phase.RUNNING and self._start_task is None:
-            self._enter(Phase.HEALTHY)
 
     async def _end_boost_when_ready(self, ports: list[int], info: ContainerInfo | None) -> None:
         """The quota once every port answers, or once probing gave up (never boosted for
