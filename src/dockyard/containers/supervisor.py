@@ -306,7 +306,7 @@ class ContainerSupervisor:
             phase = self.phase
             if phase is Phase.HEALTHY and port in self._ready_ports:
                 return self.host_port(port)
-            if phase is Phase.RUNNING and port in self._ready_ports:
+            if phase is Phase.RUNNING and port in self._ready_ports and self._start_task is None:
                 if healthy:
                     self._answered()
                 return self.host_port(port)
