@@ -112,7 +112,7 @@ async def test_the_node_hands_the_app_a_connection_inside_its_own_container_only
         for _ in range(100):  # until httpd listens
             try:
                 sock = await remote.connect_in_container(mine.id, 8080)
-            except OSError:
+            except (OSError, ContainerError):  # (refused there: ContainerError)
                 await asyncio.sleep(0.05)
                 continue
             reader, writer = await asyncio.open_connection(sock=sock)

@@ -219,6 +219,23 @@ async def test_a_restart_on_the_same_cursor_neither_loses_nor_repeats_lines(
     assert first.messages() + second.messages() == [str(i) for i in range(4000)]
 
 
+async def test_lines_the_sink_never_kept_are_read_again_though_the_cursor_has_them(
+    docker_runtime: DockerRuntime, test_labels: dict[str, str], busybox_image: str, tmp_path: Path
+) -> None:
+    # A node killed after its cursor was saved but before its store wrote the lines: on
+    # the next start the store (``delivered``, ``positions``) holds none of them, and the
+    # cursor must not make the watcher skip them.
+    cursor = tmp_path / "watch-cursor.json"
+    info = await run_sh(docker_runtime, busybox_image, test_labels, "echo booted; exec sleep 60")
+    first, second = CollectingSink(), CollectingSink()
+    kept_nothing = {"delivered": lambda since: {}, "positions": dict}
+    async with EngineWatcher(docker_runtime, test_labels, first, cursor=cursor, **kept_nothing):
+        await until(lambda: first.messages() == ["booted"])
+    async with EngineWatcher(docker_runtime, test_labels, second, cursor=cursor, **kept_nothing):
+        await until(lambda: second.records)
+    assert [(r.container_id, r.message) for r in second.records] == [(info.id, "booted")]
+
+
 async def test_a_container_that_ran_while_no_watcher_was_up_is_read_on_restart(
     docker_runtime: DockerRuntime, test_labels: dict[str, str], busybox_image: str, tmp_path: Path
 ) -> None:

@@ -202,6 +202,11 @@ class EngineWatcher(AsyncClosing):
             # container that printed since (with a margin) from what the sink kept.
             since = self._cursor.saved_at - 60.0
             kept = await asyncio.to_thread(self._delivered, since)
+            for container_id, mark in self._cursor.marks.items():
+                if container_id not in kept and mark[0] > since:
+                    # The cursor was saved, the sink never kept those lines (a node killed
+                    # in between): read them again from there.
+                    mark[:] = [since, 0.0]
             for container_id, (at, count) in kept.items():
                 self._cursor.marks[container_id] = [at, float(count)]
         self._own(self._watch_engine())
