@@ -260,58 +260,53 @@ async def test_expect_continue_gets_an_interim_answer_in_its_turn(port: int) -> 
     holder.close()
 
 
-async def test_a_body_waiting_for_its_turns_100_continue_is_not_timed_out_meanwhile() -> None:
-    # The client sends the body only once told to: its time starts with the 100 Continue,
-    # not with its head, which came in behind a slower answer.
+async def continue_in_turn(pipelined: bytes, answers_before: list[bytes], body: bytes) -> None:
+    """Send ``pipelined`` (body timeout 0.5 s), read the answers ahead (a mark of each),
+    then expect the last request's 100 Continue; its body then comes back echoed."""
     gateway = Gateway(dispatch, port=0, limits=GatewayLimits(body_timeout=0.5))
     port = await gateway.start()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
-            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
-            b"Expect: 100-continue\r\n\r\n"
-        )
-        await asyncio.wait_for(reader.readuntil(b"slow"), 5)
+        writer.write(pipelined)
+        for mark in answers_before:
+            await asyncio.wait_for(reader.readuntil(mark), 5)
         assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (
             b"HTTP/1.1 100 Continue\r\n\r\n"
         )
-        writer.write(b"abc")
+        writer.write(body)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200 OK"), head
-        assert await reader.readexactly(3) == b"abc"
+        assert await reader.readexactly(len(body)) == body
         writer.close()
     finally:
         await gateway.stop()
+
+
+async def test_a_body_waiting_for_its_turns_100_continue_is_not_timed_out_meanwhile() -> None:
+    # The client sends the body only once told to: its time starts with the 100 Continue,
+    # not with its head, which came in behind a slower answer (1 s).
+    await continue_in_turn(
+        b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        b"Expect: 100-continue\r\n\r\n",
+        [b"slow"],
+        b"abc",
+    )
 
 
 async def test_a_100_continue_owed_to_a_later_request_survives_an_earlier_ones_turn() -> None:
     # The second request sends its body without waiting for its 100 Continue; the third
     # waits to be told. The second's turn must not take the third's owed 100 with it:
     # the third is not late while the second's answer (1 s) is being made.
-    gateway = Gateway(dispatch, port=0, limits=GatewayLimits(body_timeout=0.5))
-    port = await gateway.start()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n"
-            b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
-            b"Expect: 100-continue\r\n\r\nabc"
-            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
-            b"Expect: 100-continue\r\n\r\n"
-        )
-        await asyncio.wait_for(reader.readuntil(b"GET http://a/first"), 5)
-        await asyncio.wait_for(reader.readuntil(b"slow"), 5)
-        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (
-            b"HTTP/1.1 100 Continue\r\n\r\n"
-        )
-        writer.write(b"xyz")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert head.startswith(b"HTTP/1.1 200 OK"), head
-        assert await reader.readexactly(3) == b"xyz"
-        writer.close()
-    finally:
-        await gateway.stop()
+    await continue_in_turn(
+        b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        b"Expect: 100-continue\r\n\r\nabc"
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        b"Expect: 100-continue\r\n\r\n",
+        [b"GET http://a/first", b"slow"],
+        b"xyz",
+    )
 
 
 async def test_malformed_requests_get_400_and_hosts_cannot_rewrite_paths(port: int) -> None:
