@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Protocol
 
 from .errors import error_id
 
-__all__ = ["BATCHED_MAX", "ChunkBuffer", "SendBatch", "WriteFlow"]
+__all__ = ["BATCHED_MAX", "ChunkBuffer", "SendBatch", "WriteFlow", "send_batch"]
 
 log = logging.getLogger("dockyard.gateway")
 
@@ -68,6 +69,20 @@ class SendBatch:
             except Exception as exc:
                 # (a bug: senders check their transport) The others must still go out.
                 log.error("A send failed (error id %s): %r", error_id(), exc, exc_info=exc)
+
+
+_BATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendBatch] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def send_batch(loop: asyncio.AbstractEventLoop) -> SendBatch:
+    """The one ``SendBatch`` of ``loop``: the gateway's connections and the container
+    client's share it, so a pass of the loop ends with one call that sends for all."""
+    batch = _BATCHES.get(loop)
+    if batch is None:
+        batch = _BATCHES[loop] = SendBatch(loop)
+    return batch
 
 
 class WriteFlow:

@@ -35,7 +35,7 @@ from typing import cast
 
 import httptools
 
-from .._flow import BATCHED_MAX, ChunkBuffer, SendBatch, WriteFlow
+from .._flow import BATCHED_MAX, ChunkBuffer, SendBatch, WriteFlow, send_batch
 from ..errors import ContainerError, InvalidHeader
 from ..http import GOOD_HEADER_NAMES, check_header_name, encode_header_block
 
@@ -410,8 +410,9 @@ class UpstreamPool:
         return response
 
     def _send_batch(self, loop: asyncio.AbstractEventLoop) -> SendBatch:
+        # (kept: looked up once, not per request)
         if self._batch is None:
-            self._batch = SendBatch(loop)
+            self._batch = send_batch(loop)
         return self._batch
 
     def _idle_connection(self, target: Target) -> _Connection | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
-from .._flow import SendBatch
+from .._flow import SendBatch, send_batch
 from .._tasks import until_first_done
 from ..errors import DockyardError, error_id
 from ..http import HOP_BY_HOP, STREAM_CHUNK, Request, Response, WebSocket, error_response
@@ -68,7 +68,6 @@ class Gateway:
         # The head of each upgrade as the gateway parsed it (latin-1, byte-exact), for
         # the request the WebSocket server hands back.
         self._upgrade_heads: dict[asyncio.BaseTransport, list[tuple[str, str]]] = {}
-        self._batch: SendBatch | None = None
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -102,13 +101,12 @@ class Gateway:
         """The protocol for one new connection, as the server makes it per accepted socket
         (bench/scenarios/layers.py feeds one through a transport of its own)."""
         return HttpProtocol(
-            self.respond, self._upgrade, self._connections, self.limits, self._sends()
+            self.respond,
+            self._upgrade,
+            self._connections,
+            self.limits,
+            send_batch(asyncio.get_running_loop()),
         )
-
-    def _sends(self) -> SendBatch:
-        if self._batch is None:
-            self._batch = SendBatch(asyncio.get_running_loop())
-        return self._batch
 
     async def serve_accepted(self, sock: socket.socket, initial: bytes = b"") -> None:
         """Serve a connection accepted elsewhere, as if this gateway had accepted it.
@@ -129,7 +127,7 @@ class Gateway:
                     self._upgrade,
                     self._connections,
                     self.limits,
-                    self._sends(),
+                    send_batch(asyncio.get_running_loop()),
                     initial,
                 ),
                 sock,
